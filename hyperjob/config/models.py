@@ -1,0 +1,207 @@
+"""Typed configuration: one YAML file in, validated models out.
+
+Every field is checked here, before anything is rendered or written, so that a
+bad value fails with a message naming its key instead of deep inside a job.
+Strings that end up in sbatch headers are restricted to safe character sets;
+everything else is quoted when rendered.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+Backend = Literal["neuron", "cuda", "cpu"]
+StageName = Literal["download", "compile", "train", "consolidate", "merge", "evaluate"]
+DatasetFormat = Literal["dolly", "chat", "text"]
+Schedule = Literal["linear", "cosine", "constant", "constant_with_warmup"]
+
+# Canonical order of the stage DAG; a config may pick a subset, never reorder.
+STAGE_ORDER: tuple[StageName, ...] = ("download", "compile", "train", "consolidate", "merge", "evaluate")
+DEFAULT_STAGES: dict[str, tuple[StageName, ...]] = {
+    "neuron": ("download", "compile", "train", "consolidate", "merge", "evaluate"),
+    "cuda": ("download", "train", "merge", "evaluate"),
+    "cpu": ("download", "train", "merge", "evaluate"),
+}
+# The built-in model id that builds a tiny random Llama locally instead of downloading.
+TINY_MODEL_ID = "tiny-llama"
+
+_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
+_SLURM_WORD = r"^[A-Za-z0-9][A-Za-z0-9._,:=+-]{0,127}$"
+_ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]{0,127}$"
+_SLURM_TIME = r"^(\d+-)?\d{1,3}(:\d{2}){0,2}$|^(\d+-)?\d{1,3}:\d{2}:\d{2}$|^UNLIMITED$|^INFINITE$"
+
+PositiveInt = Annotated[int, Field(gt=0)]
+NonNegInt = Annotated[int, Field(ge=0)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class ModelSection(_Model):
+    """The base model: a hub id, a local directory, or the built-in `tiny-llama`."""
+
+    id: str = Field(min_length=1, description="HF hub id, local directory, or 'tiny-llama'")
+    revision: str = Field(default="main", min_length=1)
+    token_env: str | None = Field(default="HF_TOKEN", pattern=_ENV_NAME)
+    token_file: Path | None = None
+    # Architecture facts for planning when the model is not on local disk.
+    num_attention_heads: PositiveInt | None = None
+    num_key_value_heads: PositiveInt | None = None
+    max_position_embeddings: PositiveInt | None = None
+
+    @property
+    def is_tiny(self) -> bool:
+        return self.id == TINY_MODEL_ID
+
+
+class DatasetSection(_Model):
+    """Training data: a hub dataset id or a local JSONL file."""
+
+    id: str | None = Field(default=None, min_length=1)
+    path: Path | None = None
+    format: DatasetFormat = "dolly"
+    split: str = Field(default="train", min_length=1)
+    num_rows: PositiveInt | None = Field(default=None, description="rows, when known, for planning")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DatasetSection:
+        if (self.id is None) == (self.path is None):
+            raise ValueError("set exactly one of dataset.id (hub dataset) or dataset.path (local JSONL)")
+        return self
+
+
+class ClusterSection(_Model):
+    """Where and how jobs run: sbatch header values."""
+
+    partition: str | None = Field(default=None, pattern=_SLURM_WORD)
+    nodes: PositiveInt = 1
+    instance_type: str = Field(default="cpu", min_length=1)
+    devices_per_node: PositiveInt | None = Field(
+        default=None, description="override the catalogue (cpu: processes per node, default 2)"
+    )
+    account: str | None = Field(default=None, pattern=_SLURM_WORD)
+    qos: str | None = Field(default=None, pattern=_SLURM_WORD)
+    time: str | None = Field(default=None, pattern=_SLURM_TIME)
+    exclusive: bool = True
+    sbatch_extra: tuple[str, ...] = ()
+    container_image: str | None = Field(default=None, min_length=1)
+
+    @field_validator("sbatch_extra")
+    @classmethod
+    def _extra_options(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for opt in v:
+            if not opt.startswith("--") or any(c in opt for c in "\n\r\0"):
+                raise ValueError(f"sbatch option {opt!r} must start with '--' and be on one line")
+        return v
+
+
+class ParallelSection(_Model):
+    tensor: PositiveInt = 1
+    pipeline: PositiveInt = 1
+
+
+class TrainingSection(_Model):
+    epochs: Annotated[float, Field(gt=0)] = 1.0
+    max_steps: int = Field(default=-1, ge=-1, description="-1: train for `epochs`")
+    seq_len: PositiveInt = 2048
+    micro_batch: PositiveInt = 1
+    grad_accum: PositiveInt = 1
+    lr: Annotated[float, Field(gt=0, lt=1)] = 2e-5
+    schedule: Schedule = "linear"
+    warmup: NonNegInt = 0
+    weight_decay: Annotated[float, Field(ge=0)] = 0.0
+    save_steps: PositiveInt = 500
+    seed: int = 42
+    bf16: bool = True
+    gradient_checkpointing: bool = False
+    packing: bool = False
+    logging_steps: PositiveInt = 10
+
+
+class LoraSection(_Model):
+    r: PositiveInt = 16
+    alpha: PositiveInt = 16
+    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.05
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+    @field_validator("target_modules")
+    @classmethod
+    def _targets(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if not v:
+            raise ValueError("target_modules must name at least one module")
+        for name in v:
+            if not name.replace("_", "").replace(".", "").isalnum():
+                raise ValueError(f"module name {name!r} may hold only letters, digits, '_' and '.'")
+        return v
+
+
+class EvaluateSection(_Model):
+    prompts: tuple[str, ...] = (
+        "What is the capital of France?",
+        "Explain what a large language model is in one sentence.",
+    )
+    max_new_tokens: PositiveInt = 64
+
+
+class EnvironmentSection(_Model):
+    """How jobs find Python on the cluster nodes, plus extra environment variables."""
+
+    python: str | None = Field(default=None, min_length=1, description="interpreter on the nodes; default: this one")
+    env: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("env")
+    @classmethod
+    def _env_names(cls, v: dict[str, str]) -> dict[str, str]:
+        import re
+
+        for key in v:
+            if not re.match(_ENV_NAME, key):
+                raise ValueError(f"environment variable name {key!r} must match {_ENV_NAME}")
+        return v
+
+
+class HyperjobConfig(_Model):
+    name: str = Field(pattern=_NAME)
+    workdir: Path
+    backend: Backend
+    model: ModelSection
+    dataset: DatasetSection
+    cluster: ClusterSection = Field(default_factory=ClusterSection)
+    parallel: ParallelSection = Field(default_factory=ParallelSection)
+    training: TrainingSection = Field(default_factory=TrainingSection)
+    lora: LoraSection = Field(default_factory=LoraSection)
+    evaluate: EvaluateSection = Field(default_factory=EvaluateSection)
+    environment: EnvironmentSection = Field(default_factory=EnvironmentSection)
+    stages: tuple[StageName, ...] | None = None
+
+    @field_validator("stages")
+    @classmethod
+    def _stage_order(cls, v: tuple[StageName, ...] | None) -> tuple[StageName, ...] | None:
+        if v is None:
+            return v
+        if not v:
+            raise ValueError("stages must name at least one stage")
+        if len(set(v)) != len(v):
+            raise ValueError(f"stages {list(v)} repeat a stage")
+        idx = [STAGE_ORDER.index(s) for s in v]
+        if idx != sorted(idx):
+            raise ValueError(f"stages {list(v)} are out of order; the order is {list(STAGE_ORDER)}")
+        return v
+
+    @model_validator(mode="after")
+    def _backend_stages(self) -> HyperjobConfig:
+        if self.stages is not None and self.backend != "neuron":
+            for neuron_only in ("compile", "consolidate"):
+                if neuron_only in self.stages:
+                    raise ValueError(
+                        f"stage {neuron_only!r} exists only for backend 'neuron' (backend is {self.backend!r})"
+                    )
+        return self
+
+    @property
+    def stage_list(self) -> tuple[StageName, ...]:
+        return self.stages if self.stages is not None else DEFAULT_STAGES[self.backend]
