@@ -147,6 +147,10 @@ class EvaluateSection(_Model):
     max_new_tokens: PositiveInt = 64
 
 
+class MergeSection(_Model):
+    max_shard_size: str = Field(default="5GB", pattern=r"^\d+(\.\d+)?(B|KB|MB|GB|KiB|MiB|GiB)$")
+
+
 class EnvironmentSection(_Model):
     """How jobs find Python on the cluster nodes, plus extra environment variables."""
 
@@ -164,6 +168,22 @@ class EnvironmentSection(_Model):
         return v
 
 
+# Free text that never reaches a script line (it is read from config.yaml by Python).
+_FREE_TEXT = {("evaluate", "prompts"), ("environment", "env")}
+
+
+def _control_char_keys(data: object, path: tuple[str, ...]) -> list[str]:
+    if path[:2] in _FREE_TEXT:
+        return []
+    if isinstance(data, dict):
+        return [k for key, v in data.items() for k in _control_char_keys(v, (*path, str(key)))]
+    if isinstance(data, (list, tuple)):
+        return [k for v in data for k in _control_char_keys(v, path)]
+    if isinstance(data, str) and any(not c.isprintable() for c in data):
+        return [".".join(path)]
+    return []
+
+
 class HyperjobConfig(_Model):
     name: str = Field(pattern=_NAME)
     workdir: Path
@@ -174,9 +194,19 @@ class HyperjobConfig(_Model):
     parallel: ParallelSection = Field(default_factory=ParallelSection)
     training: TrainingSection = Field(default_factory=TrainingSection)
     lora: LoraSection = Field(default_factory=LoraSection)
+    merge: MergeSection = Field(default_factory=MergeSection)
     evaluate: EvaluateSection = Field(default_factory=EvaluateSection)
     environment: EnvironmentSection = Field(default_factory=EnvironmentSection)
     stages: tuple[StageName, ...] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_control_characters(cls, data: object) -> object:
+        """Values that reach a script line or an #SBATCH header must be one line of printable text."""
+        bad = _control_char_keys(data, ())
+        if bad:
+            raise ValueError(f"{bad[0]}: control characters (newline, tab, NUL...) are not allowed in this value")
+        return data
 
     @field_validator("stages")
     @classmethod

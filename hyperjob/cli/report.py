@@ -1,0 +1,58 @@
+"""Human-readable reports on a run: the status table and the end-of-run summary."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from hyperjob.cli.common import table
+from hyperjob.paths import RunPaths
+from hyperjob.schedule.manifest import Manifest
+from hyperjob.schedule.states import StageState
+
+TAIL_LINES = 20
+
+
+def status_table(manifest: Manifest) -> str:
+    rows = []
+    for r in manifest.stages:
+        reason = r.reason if r.reason and r.reason != "None" else ""
+        rows.append((f"{r.index:02d}", r.name, r.job_id or "-", r.state.value, reason, r.log or "-"))
+    return table(rows, ("#", "stage", "job", "state", "reason", "log"))
+
+
+def tail(path: Path, n: int = TAIL_LINES) -> list[str]:
+    try:
+        return path.read_text(errors="replace").splitlines()[-n:]
+    except OSError:
+        return []
+
+
+def print_outcome(run_dir: Path, manifest: Manifest) -> bool:
+    """Print the final table; on success where the results are, on failure the failing log's tail."""
+    print(status_table(manifest))
+    failed = [r for r in manifest.stages if r.state is not StageState.COMPLETED]
+    if failed:
+        first = next((r for r in failed if r.state is not StageState.CANCELLED), failed[0])
+        print(f"\nrun failed at stage {first.name} ({first.state.value})")
+        if first.log:
+            print(f"last lines of {first.log}:")
+            for line in tail(Path(first.log)):
+                print(f"  | {line}")
+        return False
+    paths = RunPaths(run_dir)
+    print(f"\nrun completed: {run_dir}")
+    names = {r.name for r in manifest.stages}
+    if "merge" in names:
+        print(f"merged model:       {paths.merged}")
+    if "train" in names or "consolidate" in names:
+        print(f"adapter:            {paths.adapter}")
+    answers = paths.evaluation / "answers.json"
+    if "evaluate" in names:
+        print(f"evaluation answers: {answers}")
+        try:
+            first_answer = json.loads(answers.read_text())[0]
+            print(f"  prompt: {first_answer['prompt']}\n  base:   {first_answer['base']!r}\n  tuned:  {first_answer['tuned']!r}")
+        except (OSError, ValueError, KeyError, IndexError):
+            pass
+    return True

@@ -1,0 +1,72 @@
+"""The Jinja environment for sbatch scripts: every interpolated value is shell-quoted.
+
+Quoting is applied by Jinja's `finalize` hook to every `{{ ... }}`, so a template
+cannot forget it; template code opts out only with the `raw` filter, for text it
+has composed itself from already-quoted parts.
+"""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+from typing import Any
+
+import jinja2
+
+
+class Raw(str):
+    """Text that is already valid shell and must be emitted as is."""
+
+
+def quote(value: Any) -> str:
+    if isinstance(value, Raw):
+        return str(value)
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, int):
+        return str(value)
+    if value is None:
+        raise ValueError("a template interpolated None: the renderer must not pass optional values unchecked")
+    return shlex.quote(str(value))
+
+
+def quote_list(values: Any) -> Raw:
+    """`{{ args | qlist }}`: each element quoted, joined by spaces."""
+    return Raw(" ".join(quote(v) for v in values))
+
+
+def comment(value: Any) -> Raw:
+    """Text inside a `#` comment: control characters are escaped so nothing can end the comment."""
+    text = str(value)
+    return Raw("".join(c if c.isprintable() else repr(c)[1:-1] for c in text))
+
+
+def slurm_filename(path: Any) -> str:
+    """Escape `%` so Slurm's filename patterns (%j, %x) leave literal percent signs alone."""
+    return str(path).replace("%", "%%")
+
+
+def templates_dir() -> Path:
+    """`templates/` in a source checkout, `hyperjob/_templates` in an installed wheel."""
+    here = Path(__file__).resolve().parent.parent
+    for candidate in (here / "_templates", here.parent / "templates"):
+        if candidate.is_dir():
+            return candidate
+    raise FileNotFoundError(f"sbatch templates not found beside {here}")
+
+
+def make_env(directory: Path | None = None) -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(directory or templates_dir())),
+        undefined=jinja2.StrictUndefined,
+        finalize=quote,
+        autoescape=False,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+    )
+    env.filters["raw"] = Raw
+    env.filters["qlist"] = quote_list
+    env.filters["slurm_filename"] = slurm_filename
+    env.filters["comment"] = comment
+    return env

@@ -1,0 +1,4 @@
+"""Shared pytest fixtures. Fixture families live in their own modules."""
+
+from fixtures_slurm import *  # noqa: F403
+from fixtures_tiny import *  # noqa: F403
