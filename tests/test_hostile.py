@@ -30,7 +30,13 @@ from hyperjob.schedule.run import write_run_dir
 REPO = Path(__file__).resolve().parent.parent
 PWNED = "hyperjob-pwned"
 # Fragments that would create the marker file if any of them were ever executed.
-INJECTIONS = [f"$(touch {PWNED})", f"`touch {PWNED}`", f"; touch {PWNED}", f"' ; touch {PWNED} ; '", f'" ; touch {PWNED} #']
+INJECTIONS = [
+    f"$(touch {PWNED})",
+    f"`touch {PWNED}`",
+    f"; touch {PWNED}",
+    f"' ; touch {PWNED} ; '",
+    f'" ; touch {PWNED} #',
+]
 hostile_text = st.builds(
     lambda a, inj, b: a + inj + b,
     st.text(alphabet="ab '\"$`;&|<>*?~!#\\%{}()\n\t=", max_size=12),
@@ -42,8 +48,9 @@ RECORDER = """#!{python}
 import json, os, sys, yaml
 run_dir = sys.argv[sys.argv.index("--run-dir") + 1]
 cfg = yaml.safe_load(open(os.path.join(run_dir, "config.yaml")))
+env = {{k: os.environ.get(k) for k in {env_keys!r}}}
 with open(os.environ["HJ_RECORD"], "a") as f:
-    f.write(json.dumps({{"argv": sys.argv[1:], "cfg": cfg, "env": {{k: os.environ.get(k) for k in {env_keys!r}}}}}) + "\\n")
+    f.write(json.dumps({{"argv": sys.argv[1:], "cfg": cfg, "env": env}}) + "\\n")
 """
 
 # Dotted key -> how to place the hostile value (string fields of every section).

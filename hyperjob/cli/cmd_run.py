@@ -11,7 +11,7 @@ from pathlib import Path
 
 from hyperjob.cli.common import CliError
 from hyperjob.cli.report import status_table
-from hyperjob.schedule.manifest import Manifest, read_manifest
+from hyperjob.schedule.manifest import Manifest
 from hyperjob.schedule.run import cancel_run, refresh
 
 

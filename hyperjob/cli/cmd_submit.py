@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from hyperjob.cli.common import EXIT_RUN_FAILED, CliError, add_config_args, load_and_plan, table
 from hyperjob.cli.report import print_outcome
@@ -58,12 +57,13 @@ def cmd_submit(args: argparse.Namespace) -> int:
         except SubmitError as e:
             raise CliError(str(e), EXIT_RUN_FAILED) from None
     else:
-        print(f"running {len(manifest.stages)} stages with the local executor" + ("" if args.wait else " in the background"))
+        print(
+            f"running {len(manifest.stages)} stages with the local executor"
+            + ("" if args.wait else " in the background")
+        )
         manifest = submit_local(run_dir, manifest, wait=args.wait)
     if not args.wait:
         print(f"follow it with: hyperjob status {run_dir}")
         return 0
     manifest = wait_run(run_dir, poll=args.poll)
     return 0 if print_outcome(run_dir, manifest) else EXIT_RUN_FAILED
-
-

@@ -28,7 +28,9 @@ def load_and_plan(config: Path, overrides: Sequence[str], *, check_inputs: bool 
         return cfg, make_plan(cfg)
     except ConfigError as e:
         # Plan-level errors carry no source: name the file here.
-        lines = [line if line.startswith(str(config)) else f"{config}: {line.removeprefix('config: ')}" for line in e.lines()]
+        lines = [
+            line if line.startswith(str(config)) else f"{config}: {line.removeprefix('config: ')}" for line in e.lines()
+        ]
         raise CliError("\n".join(lines)) from None
 
 

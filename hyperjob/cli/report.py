@@ -52,7 +52,9 @@ def print_outcome(run_dir: Path, manifest: Manifest) -> bool:
         print(f"evaluation answers: {answers}")
         try:
             first_answer = json.loads(answers.read_text())[0]
-            print(f"  prompt: {first_answer['prompt']}\n  base:   {first_answer['base']!r}\n  tuned:  {first_answer['tuned']!r}")
+            print(f"  prompt: {first_answer['prompt']}")
+            print(f"  base:   {first_answer['base']!r}")
+            print(f"  tuned:  {first_answer['tuned']!r}")
         except (OSError, ValueError, KeyError, IndexError):
             pass
     return True

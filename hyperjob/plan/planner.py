@@ -87,7 +87,9 @@ def model_facts(cfg: HyperjobConfig) -> ModelFacts | None:
         try:
             data = json.loads(local.read_text())
             heads = int(data["num_attention_heads"])
-            found = ModelFacts(heads, int(data.get("num_key_value_heads") or heads), data.get("max_position_embeddings"))
+            found = ModelFacts(
+                heads, int(data.get("num_key_value_heads") or heads), data.get("max_position_embeddings")
+            )
         except (ValueError, KeyError, TypeError) as e:
             raise ConfigError([("model.id", f"{local} is not a usable model config: {e}")]) from None
     if m.num_attention_heads is not None:
@@ -171,7 +173,12 @@ def make_plan(cfg: HyperjobConfig) -> Plan:
     facts = model_facts(cfg)
     if facts and facts.max_position_embeddings and cfg.training.seq_len > facts.max_position_embeddings:
         raise ConfigError(
-            [("training.seq_len", f"{cfg.training.seq_len} exceeds the model's {facts.max_position_embeddings} positions")]
+            [
+                (
+                    "training.seq_len",
+                    f"{cfg.training.seq_len} exceeds the model's {facts.max_position_embeddings} positions",
+                )
+            ]
         )
     kv_mult = _layout_checks(cfg, inst, procs, facts)
     tp, pp = cfg.parallel.tensor, cfg.parallel.pipeline

@@ -9,6 +9,7 @@ to the manifest, so `hyperjob status` reads both executors the same way.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import subprocess
@@ -86,10 +87,8 @@ def cancel_local(manifest: Manifest) -> None:
     """Stop a detached local executor and everything it started (its process group)."""
     if manifest.local_pid is None:
         return
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(manifest.local_pid, signal.SIGTERM)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -117,12 +117,17 @@ def refresh(run_dir: Path) -> Manifest:
         info = infos.get(rec.job_id or "")
         if info is None:
             continue
-        update = replace(rec, state=info.state, reason=info.reason or "", exit_code=info.exit_code or rec.exit_code)
+        code = rec.exit_code if info.exit_code is None else f"{info.exit_code}:{info.signal or 0}"
+        update = replace(rec, state=info.state, reason=info.reason or "", exit_code=code)
         if update != rec:
             manifest, changed = manifest.with_stage(update), True
     if changed:
         write_manifest(run_dir, manifest)
     return manifest
+
+
+# A controller restart or a busy slurmctld should not kill a multi-hour --wait.
+QUERY_FAILURE_GRACE_S = 120.0
 
 
 def wait_run(
@@ -131,8 +136,18 @@ def wait_run(
     """Poll until every stage is terminal, printing each state change."""
     seen: dict[str, tuple[StageState, str]] = {}
     start = time.monotonic()
+    failing_since: float | None = None
     while True:
-        manifest = refresh(run_dir)
+        try:
+            manifest = refresh(run_dir)
+            failing_since = None
+        except slurm.SlurmError as e:
+            failing_since = failing_since or time.monotonic()
+            if time.monotonic() - failing_since > QUERY_FAILURE_GRACE_S:
+                raise
+            echo(f"[{time.strftime('%H:%M:%S')}] warning: {e}; retrying")
+            time.sleep(poll)
+            continue
         for rec in manifest.stages:
             key = (rec.state, rec.reason)
             if seen.get(rec.name) != key:
