@@ -116,7 +116,7 @@ def dataset_rows(cfg: HyperjobConfig) -> int | None:
     return KNOWN_DATASET_ROWS.get(d.id or "")
 
 
-def _layout_checks(cfg: HyperjobConfig, inst: InstanceType, procs: int, facts: ModelFacts | None) -> int | None:
+def _layout_checks(cfg: HyperjobConfig, procs: int, facts: ModelFacts | None) -> int | None:
     """Raise on layouts that cannot run; return the KV-head replication factor (neuron GQA) if any."""
     tp, pp = cfg.parallel.tensor, cfg.parallel.pipeline
     world = procs * cfg.cluster.nodes
@@ -126,6 +126,7 @@ def _layout_checks(cfg: HyperjobConfig, inst: InstanceType, procs: int, facts: M
         if pp != 1:
             raise ConfigError([("parallel.pipeline", f"{pp} is not supported on backend {cfg.backend!r} (allowed: 1)")])
         return None
+    kv_mult = _head_checks(tp, world, facts) if facts is not None else None
     if world % (tp * pp):
         raise ConfigError(
             [("parallel.tensor", f"tensor x pipeline = {tp * pp} does not divide the {world} processes of the job")]
@@ -134,11 +135,14 @@ def _layout_checks(cfg: HyperjobConfig, inst: InstanceType, procs: int, facts: M
         raise ConfigError(
             [("training.seq_len", f"{cfg.training.seq_len} must be a multiple of tensor={tp} (sequence parallelism)")]
         )
-    if facts is None:
-        return None
+    return kv_mult
+
+
+def _head_checks(tp: int, world: int, facts: ModelFacts) -> int | None:
+    """Attention heads split evenly over TP ranks; KV heads split, or are replicated (GQA) when fewer than TP."""
     heads, kv = facts.num_attention_heads, facts.num_key_value_heads
     if heads % tp:
-        allowed = [d for d in range(1, heads + 1) if heads % d == 0 and world % d == 0]
+        allowed = ", ".join(str(d) for d in range(1, heads + 1) if heads % d == 0 and world % d == 0)
         raise ConfigError(
             [("parallel.tensor", f"{tp} does not divide the model's {heads} attention heads (allowed: {allowed})")]
         )
@@ -158,9 +162,9 @@ def _layout_checks(cfg: HyperjobConfig, inst: InstanceType, procs: int, facts: M
 def make_plan(cfg: HyperjobConfig) -> Plan:
     inst = lookup(cfg.cluster.instance_type)
     if inst is None:
-        raise ConfigError(
-            [("cluster.instance_type", f"unknown instance type {cfg.cluster.instance_type!r}; known: {known_names()}")]
-        )
+        known = ", ".join(known_names())
+        msg = f"unknown instance type {cfg.cluster.instance_type!r}; known: {known}"
+        raise ConfigError([("cluster.instance_type", msg)])
     if inst.accelerator != cfg.backend:
         raise ConfigError(
             [("cluster.instance_type", f"{inst.name} is a {inst.accelerator} instance but backend is {cfg.backend!r}")]
@@ -180,7 +184,7 @@ def make_plan(cfg: HyperjobConfig) -> Plan:
                 )
             ]
         )
-    kv_mult = _layout_checks(cfg, inst, procs, facts)
+    kv_mult = _layout_checks(cfg, procs, facts)
     tp, pp = cfg.parallel.tensor, cfg.parallel.pipeline
     notes: list[str] = []
     if facts is None:
