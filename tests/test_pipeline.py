@@ -121,3 +121,26 @@ def test_pipeline_local_executor(tmp_path: Path) -> None:
         [sys.executable, "-m", "hyperjob", "logs", str(run_dir), "train"], capture_output=True, text=True
     )
     assert "world size 2" in logs.stdout
+
+
+@pytest.mark.slurm
+def test_hostile_workdir_through_real_sbatch(tmp_path: Path, slurm_cluster: object) -> None:
+    """Spaces, quotes, $(), backticks and % in the workdir survive sbatch's #SBATCH parsing and bash."""
+    workdir = tmp_path / "w o'r\"k $(touch pwned) `touch pwned2` 100%j"
+    data = yaml.safe_load((REPO / "examples" / "tiny-cpu.yaml").read_text())
+    data.update(workdir=str(workdir), stages=["download"])
+    data["dataset"]["path"] = str(REPO / "examples" / "data" / "dolly-tiny.jsonl")
+    cfg = tmp_path / "hostile.yaml"
+    cfg.write_text(yaml.safe_dump(data))
+    proc = subprocess.run(
+        [sys.executable, "-m", "hyperjob", "submit", str(cfg), "--scheduler", "slurm", "--wait", "--poll", "1"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (run_dir,) = (workdir / "runs").iterdir()
+    (stage,) = json.loads((run_dir / "manifest.json").read_text())["stages"]
+    assert stage["state"] == "COMPLETED"
+    log = Path(stage["log"])
+    assert log.parent == run_dir / "logs" and log.is_file(), sorted((run_dir / "logs").iterdir())
+    assert (workdir / "models" / "tiny-llama" / "config.json").is_file()
+    assert not list(tmp_path.rglob("pwned*"))
