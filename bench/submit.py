@@ -1,7 +1,7 @@
 """How long does `hyperjob submit` take to queue the 6-stage Trainium DAG on a real Slurm?
 
 Goal: < 2 s for the whole DAG. Runs against the cluster in SLURM_CONF (start one with
-`.ci/slurm/start.sh`). Jobs are submitted held (SBATCH_HOLD=1) and cancelled right after,
+`.ci/slurm/start.sh`). Jobs are submitted held (#SBATCH --hold) and cancelled right after,
 so nothing runs. Prints a markdown table for bench/RESULTS.md.
 
     .venv/bin/python bench/submit.py [--repeat 5]
@@ -10,7 +10,6 @@ so nothing runs. Prints a markdown table for bench/RESULTS.md.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import subprocess
 import sys
@@ -25,11 +24,13 @@ from hyperjob.schedule.run import new_run_dir, submit_slurm, write_run_dir
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "examples" / "trainium-llama3-8b.yaml"
+# Default partition, this interpreter, and every job held so nothing runs.
+HELD = ["cluster.partition=null", f"environment.python={sys.executable}", "cluster.sbatch_extra=[--hold]"]
 
 
 def one_submission(workdir: Path) -> tuple[float, float, list[str]]:
     """(render + write seconds, sbatch-chain seconds, job ids) for one run, in-process."""
-    overrides = [f"workdir={workdir}", "cluster.partition=null", f"environment.python={sys.executable}"]
+    overrides = [f"workdir={workdir}", *HELD]
     t0 = time.perf_counter()
     cfg = load_config(EXAMPLE, overrides, check_inputs=False)
     plan = make_plan(cfg)
@@ -44,9 +45,8 @@ def one_submission(workdir: Path) -> tuple[float, float, list[str]]:
 
 def cli_submission(workdir: Path) -> float:
     """Wall time of the whole `hyperjob submit` command, interpreter start-up included."""
-    cmd = [sys.executable, "-m", "hyperjob", "submit", str(EXAMPLE), "--scheduler", "slurm",
-           "--set", f"workdir={workdir}", "--set", "cluster.partition=null",
-           "--set", f"environment.python={sys.executable}"]  # fmt: skip
+    sets = [f"--set={o}" for o in (f"workdir={workdir}", *HELD)]
+    cmd = [sys.executable, "-m", "hyperjob", "submit", str(EXAMPLE), "--scheduler", "slurm", *sets]
     t0 = time.perf_counter()
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
     elapsed = time.perf_counter() - t0
@@ -61,7 +61,6 @@ def main() -> int:
     args = parser.parse_args()
     if not slurm.available():
         sys.exit("sbatch not on PATH: start a cluster with .ci/slurm/start.sh and source its env.sh")
-    os.environ["SBATCH_HOLD"] = "1"  # queue held: measure submission, run nothing
     render, chain, cli = [], [], []
     with tempfile.TemporaryDirectory(prefix="hyperjob-bench-") as tmp:
         for _ in range(args.repeat):
