@@ -75,3 +75,8 @@ class RunPaths:
 
 def compile_cache_dir(cfg: HyperjobConfig) -> Path:
     return cfg.workdir / "neuron_compile_cache" / model_slug(cfg.model.id, cfg.model.revision)
+
+
+def datasets_cache_dir(cfg: HyperjobConfig) -> Path:
+    """Hub datasets fetched by the download stage, on the shared FS so offline training nodes find them."""
+    return cfg.workdir / "hf_cache" / "datasets"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -102,3 +103,19 @@ def test_token_never_rendered(monkeypatch: pytest.MonkeyPatch) -> None:
 )
 def test_quote(value: object, expected: str) -> None:
     assert quote(value) == expected
+
+
+STAGE_CALL = re.compile(r'-m (hyperjob\.stages\.\w+) --run-dir "\$RUN_DIR"((?: --[\w-]+)*)')
+
+
+def test_rendered_stage_calls_match_the_stage_entry_points(tmp_path: Path) -> None:
+    """Every `python -m hyperjob.stages.X ...` a script runs exists and accepts exactly those arguments."""
+    calls = {m.groups() for _, st in all_scripts() for m in STAGE_CALL.finditer(st.text)}
+    assert {c[0].rsplit(".", 1)[1] for c in calls} == {"download", "train", "consolidate", "merge", "evaluate"}
+    for module, extra in sorted(calls):
+        missing = tmp_path / "no-such-run"
+        proc = subprocess.run(
+            [sys.executable, "-m", module, "--run-dir", str(missing), *extra.split()], capture_output=True, text=True
+        )
+        assert proc.returncode == 2, (module, proc.stderr)
+        assert "unrecognized arguments" not in proc.stderr and "does not exist" in proc.stderr, (module, proc.stderr)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from hyperjob import __version__
 from hyperjob.config.models import HyperjobConfig
-from hyperjob.paths import RunPaths, compile_cache_dir
+from hyperjob.paths import RunPaths, compile_cache_dir, datasets_cache_dir
 from hyperjob.plan.planner import Plan
 from hyperjob.render.shell import make_env, quote, slurm_filename
 
@@ -99,7 +99,10 @@ def neuron_env(cfg: HyperjobConfig, stage: str) -> list[tuple[str, str]]:
 
 
 def stage_env(cfg: HyperjobConfig, stage: str) -> tuple[tuple[str, str], ...]:
-    env: list[tuple[str, str]] = [("HYPERJOB_STAGE", stage)]
+    env: list[tuple[str, str]] = [("HYPERJOB_STAGE", stage), ("HF_DATASETS_CACHE", str(datasets_cache_dir(cfg)))]
+    if stage != "download":
+        # Only the download stage needs the hub; the rest must not stall on it from offline nodes.
+        env += [("HF_HUB_OFFLINE", "1"), ("HF_DATASETS_OFFLINE", "1")]
     if stage in ("train", "compile"):
         env.append(("OMP_NUM_THREADS", "1"))
         if cfg.backend == "neuron":

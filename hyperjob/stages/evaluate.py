@@ -1,0 +1,126 @@
+"""Evaluate stage: greedy answers to `evaluate.prompts` from the base and the tuned model, side by side.
+
+Prompts are formatted exactly as in training (same template, same prompt token ids), so differences come
+from the fine-tuning, not from the prompt. One model is in memory at a time.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+from pathlib import Path
+from typing import Any
+
+from hyperjob.config.models import HyperjobConfig
+from hyperjob.fsutil import atomic_dir
+from hyperjob.paths import RunPaths, base_model_dir
+from hyperjob.stages.common import (
+    StageError,
+    dtype_kwargs,
+    is_model_dir,
+    require_model_dir,
+    run_stage,
+    setup_logging,
+)
+
+
+def generate_answers(
+    model: Any, tokenizer: Any, prompts: list[str], fmt: Any, max_new_tokens: int, device: Any
+) -> list[str]:
+    """Greedy-decode an answer for each prompt (one at a time: no padding effects, prompts are few)."""
+    import torch
+    from transformers import GenerationConfig
+
+    from hyperjob.stages.data import encode_prompt, format_prompt, pad_id_of, prompt_row
+
+    gen = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=pad_id_of(tokenizer),
+    )
+    answers = []
+    for prompt in prompts:
+        ids = encode_prompt(tokenizer, format_prompt(prompt_row(prompt, fmt), fmt, tokenizer), fmt)
+        input_ids = torch.tensor([ids], device=device)
+        with torch.no_grad():
+            out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), generation_config=gen)
+        answers.append(tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True).strip())
+    return answers
+
+
+def _load(path: Path, dtype: Any, device: Any, adapter: Path | None = None) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    model: Any = AutoModelForCausalLM.from_pretrained(path, **dtype_kwargs(dtype))
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter)
+    return model.to(device).eval()
+
+
+def _free(model: Any) -> None:
+    import torch
+
+    del model
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def render_markdown(name: str, base: Path, tuned: str, records: list[dict[str, str]]) -> str:
+    lines = [f"# Evaluation: {name}", "", f"- base model: `{base}`", f"- tuned model: `{tuned}`", ""]
+    for i, rec in enumerate(records, start=1):
+        lines += [f"## {i}. {rec['prompt']}", ""]
+        for key in ("base", "tuned"):
+            answer = rec[key] or "(empty)"
+            lines += [f"**{key}:**", "", *(f"> {line}" for line in answer.splitlines()), ""]
+    return "\n".join(lines)
+
+
+def _evaluate(paths: RunPaths, cfg: HyperjobConfig) -> int:
+    log = setup_logging("evaluate")
+    base = base_model_dir(cfg)
+    require_model_dir(base, "base model", "run the download stage first")
+    merged = paths.merged if is_model_dir(paths.merged) else None
+    if merged is None and not (paths.adapter / "adapter_config.json").is_file():
+        raise StageError(f"no tuned model: neither {paths.merged} nor {paths.adapter} exists (run train first)")
+
+    import torch
+    from transformers import AutoTokenizer
+
+    use_cuda = cfg.backend == "cuda" and torch.cuda.is_available()
+    device = torch.device("cuda" if use_cuda else "cpu")
+    dtype: Any = (torch.bfloat16 if cfg.training.bf16 else "auto") if use_cuda else torch.float32
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    prompts = list(cfg.evaluate.prompts)
+    fmt, max_new = cfg.dataset.format, cfg.evaluate.max_new_tokens
+
+    log.info("base model %s: %d prompts, up to %d new tokens each", base, len(prompts), max_new)
+    model = _load(base, dtype, device)
+    base_answers = generate_answers(model, tokenizer, prompts, fmt, max_new, device)
+    _free(model)
+
+    tuned_label = str(merged) if merged else f"{base} + {paths.adapter}"
+    log.info("tuned model %s", tuned_label)
+    model = _load(merged, dtype, device) if merged else _load(base, dtype, device, adapter=paths.adapter)
+    tuned_answers = generate_answers(model, tokenizer, prompts, fmt, max_new, device)
+    _free(model)
+
+    records = [
+        {"prompt": p, "base": b, "tuned": t} for p, b, t in zip(prompts, base_answers, tuned_answers, strict=True)
+    ]
+    with atomic_dir(paths.evaluation) as tmp:
+        (tmp / "answers.json").write_text(json.dumps(records, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        (tmp / "answers.md").write_text(render_markdown(cfg.name, base, tuned_label, records), encoding="utf-8")
+    print(f"answers: {paths.evaluation / 'answers.json'} (readable: {paths.evaluation / 'answers.md'})", flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_stage("evaluate", _evaluate, argv, __doc__ or "")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
