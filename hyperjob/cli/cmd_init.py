@@ -8,6 +8,7 @@ from pathlib import Path
 
 from hyperjob.cli.common import CliError
 from hyperjob.fsutil import atomic_write_text
+from hyperjob.resources import shipped_dir
 
 PRESETS = {
     "trainium": "trainium-llama3-8b.yaml",
@@ -16,15 +17,6 @@ PRESETS = {
 }
 # Data files a preset refers to by a relative path, copied beside the new config.
 PRESET_DATA = {"cpu-tiny": ("data/dolly-tiny.jsonl",)}
-
-
-def examples_dir() -> Path:
-    """`examples/` in a source checkout, `hyperjob/_examples` in an installed wheel."""
-    here = Path(__file__).resolve().parent.parent
-    for candidate in (here / "_examples", here.parent / "examples"):
-        if candidate.is_dir():
-            return candidate
-    raise FileNotFoundError(f"example configs not found beside {here}")
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -44,7 +36,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     out: Path = args.output
     if out.exists() and not args.force:
         raise CliError(f"{out} already exists (use --force to overwrite)")
-    src = examples_dir()
+    src = shipped_dir("examples")
     atomic_write_text(out, (src / PRESETS[args.preset]).read_text())
     for rel in PRESET_DATA.get(args.preset, ()):
         target = out.parent / rel

@@ -13,6 +13,8 @@ from typing import Any
 
 import jinja2
 
+from hyperjob.resources import shipped_dir
+
 
 class Raw(str):
     """Text that is already valid shell and must be emitted as is."""
@@ -46,18 +48,9 @@ def slurm_filename(path: Any) -> str:
     return str(path).replace("%", "%%")
 
 
-def templates_dir() -> Path:
-    """`templates/` in a source checkout, `hyperjob/_templates` in an installed wheel."""
-    here = Path(__file__).resolve().parent.parent
-    for candidate in (here / "_templates", here.parent / "templates"):
-        if candidate.is_dir():
-            return candidate
-    raise FileNotFoundError(f"sbatch templates not found beside {here}")
-
-
 def make_env(directory: Path | None = None) -> jinja2.Environment:
     env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(str(directory or templates_dir())),
+        loader=jinja2.FileSystemLoader(str(directory or shipped_dir("templates"))),
         undefined=jinja2.StrictUndefined,
         finalize=quote,
         autoescape=False,

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from hyperjob.resources import shipped_dir
 from hyperjob.stages.data import format_prompt
 
 TINY_VOCAB_SIZE = 1024
@@ -34,19 +35,15 @@ CHAT_TEMPLATE = (
 
 _RESOURCES = Path(__file__).resolve().parent / "resources"
 _CORPUS = _RESOURCES / "tiny_corpus.txt"
-# The example data set doubles as tokenizer training text: a wheel ships examples/ as hyperjob/_examples,
-# a source checkout reads examples/.
-_DOLLY_CANDIDATES = (
-    Path(__file__).resolve().parents[1] / "_examples" / "data" / "dolly-tiny.jsonl",
-    Path(__file__).resolve().parents[2] / "examples" / "data" / "dolly-tiny.jsonl",
-)
+# The example data set doubles as tokenizer training text.
+_DOLLY = ("data", "dolly-tiny.jsonl")
 
 
 def _training_text() -> Iterator[str]:
-    dolly = next((p for p in _DOLLY_CANDIDATES if p.is_file()), None)
-    if dolly is None or not _CORPUS.is_file():
-        missing = _CORPUS if not _CORPUS.is_file() else " or ".join(str(p) for p in _DOLLY_CANDIDATES)
-        raise FileNotFoundError(f"tiny-llama tokenizer text is missing: {missing}")
+    dolly = shipped_dir("examples").joinpath(*_DOLLY)
+    for path in (_CORPUS, dolly):
+        if not path.is_file():
+            raise FileNotFoundError(f"tiny-llama tokenizer text is missing: {path}")
     yield from _CORPUS.read_text(encoding="utf-8").splitlines()
     for line in dolly.read_text(encoding="utf-8").splitlines():
         if line.strip():
