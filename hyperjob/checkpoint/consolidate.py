@@ -1,0 +1,322 @@
+"""`hyperjob consolidate`: an optimum-neuron TP/PP checkpoint -> a standard PEFT adapter or HF model, on any CPU.
+
+Both entry points validate the whole checkpoint first, then stream: one saved parameter's tp rank tensors are loaded,
+combined and written before the next is read, so peak memory is about one parameter (times tp) whatever the model
+size. Output goes to a temp dir beside `output_dir`, renamed into place only once complete: a failure (including
+replica drift, detected during the pass) leaves any previous output untouched.
+
+The safetensors header is computed up front from the planned output shapes (the un-shard rules run on meta tensors),
+then each tensor's bytes are appended as it is produced (safetensors_io.SafetensorsWriter).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hyperjob.checkpoint.drift import DEFAULT_DRIFT_THRESHOLD, DriftReport
+from hyperjob.checkpoint.reader import ShardedCheckpoint, resolve_checkpoint, validate
+from hyperjob.checkpoint.safetensors_io import SafetensorsWriter
+from hyperjob.checkpoint.unshard import Step, build_plan, iter_unsharded, planned_outputs
+from hyperjob.checkpoint.xser import CheckpointError
+from hyperjob.fsutil import atomic_dir
+
+__all__ = ["ConsolidateResult", "consolidate_adapter", "consolidate_any", "consolidate_full", "unfused_adapter_config"]
+
+_ST_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
+}
+_MODEL_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+Planned = list[tuple[str, tuple[int, ...], torch.dtype]]
+
+
+@dataclass
+class ConsolidateResult:
+    output_dir: Path
+    kind: str  # "lora" or "full"
+    source: Path  # the shards dir that was read
+    tp_size: int
+    pp_size: int
+    xser: bool
+    files: list[str]
+    tensors: int
+    total_bytes: int
+    drift: DriftReport
+    notes: list[str] = field(default_factory=list)
+
+
+def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    n = dtype.itemsize
+    for d in shape:
+        n *= d
+    return n
+
+
+class _SafetensorsStream:
+    """One safetensors file whose tensors arrive one by one in the planned order (layout fixed up front, bytes
+    appended by safetensors_io's writer); each tensor is checked against the plan before its bytes go out."""
+
+    def __init__(self, path: Path, planned: Planned) -> None:
+        if sys.byteorder != "little":
+            raise RuntimeError("safetensors data is little-endian; this writer does not byte-swap")
+        missing = sorted({str(d) for _, _, d in planned if d not in _ST_DTYPES})
+        if missing:
+            raise CheckpointError(f"{path.name}: dtypes {missing} have no safetensors equivalent")
+        entries = [(name, _ST_DTYPES[dtype], shape) for name, shape, dtype in planned]
+        self.path, self._pending = path, list(reversed(planned))
+        self._writer = SafetensorsWriter(path, entries, {"format": "pt"})
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        want = self._pending.pop() if self._pending else None
+        got = (name, tuple(tensor.shape), tensor.dtype)
+        if want != got:
+            raise RuntimeError(f"{self.path}: planned {want}, produced {got}")  # a bug, not a checkpoint problem
+        if tensor.numel():
+            self._writer.write(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+
+    def close(self) -> None:
+        self._writer.close()
+
+    def abort(self) -> None:
+        self._writer.abort()
+
+
+def _write_files(folder: Path, tensors: Iterator[tuple[str, torch.Tensor]], planned: Planned, names: list[str]) -> None:
+    """Stream the tensors into their planned files (names[i] for the i-th tensor), one file open at a time."""
+    writer: _SafetensorsStream | None = None
+    try:
+        for i, (name, tensor) in enumerate(tensors):
+            if writer is None or writer.path.name != names[i]:
+                if writer is not None:
+                    writer.close()
+                chunk = [p for p, n in zip(planned, names, strict=True) if n == names[i]]
+                writer = _SafetensorsStream(folder / names[i], chunk)
+            writer.write(name, tensor)
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    if writer is not None:
+        writer.close()
+
+
+class _Progress:
+    def __init__(self, enabled: bool, label: str) -> None:
+        self.enabled, self.label, self.last = enabled, label, 0.0
+
+    def __call__(self, i: int, n: int, step: Step) -> None:
+        now = time.monotonic()
+        if self.enabled and (now - self.last > 2.0 or i + 1 == n):
+            self.last = now
+            print(f"{self.label}: {i + 1}/{n} parameters ({step.key})", file=sys.stderr, flush=True)
+
+
+def _prepare(
+    checkpoint: Path, output_dir: Path, kind: str, adapter_name: str
+) -> tuple[ShardedCheckpoint, list[Step], Planned]:
+    """Resolve, validate and plan; nothing is written yet."""
+    ckpt = resolve_checkpoint(Path(checkpoint), adapter_name)
+    if ckpt.kind != kind:
+        other = "consolidate_full" if ckpt.kind == "full" else "consolidate_adapter"
+        raise CheckpointError(f"{ckpt.shards_dir}: a {ckpt.kind} checkpoint; use {other}")
+    source, target = ckpt.shards_dir.resolve(), Path(output_dir).resolve()
+    if target == source or target in source.parents:
+        raise CheckpointError(f"{output_dir}: output would replace the checkpoint it is read from ({ckpt.shards_dir})")
+    validate(ckpt)
+    steps = build_plan(ckpt)
+    planned = planned_outputs(ckpt, steps)
+    if not planned:
+        raise CheckpointError(f"{ckpt.shards_dir}: the rank files hold no tensors")
+    return ckpt, steps, planned
+
+
+def _result(
+    ckpt: ShardedCheckpoint, output_dir: Path, files: list[str], planned: Planned, drift: DriftReport, notes: list[str]
+) -> ConsolidateResult:
+    total = sum(_nbytes(s, d) for _, s, d in planned)
+    return ConsolidateResult(
+        output_dir=output_dir,
+        kind=ckpt.kind,
+        source=ckpt.shards_dir,
+        tp_size=ckpt.tp_size,
+        pp_size=ckpt.pp_size,
+        xser=ckpt.xser,
+        files=files,
+        tensors=len(planned),
+        total_bytes=total,
+        drift=drift,
+        notes=notes,
+    )
+
+
+def _fused_targets(ckpt: ShardedCheckpoint) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for stage in ckpt.stages.values():
+        for _, cls, f in stage.specs:
+            if cls == "FusedLinearsSpec":
+                out[f["fused_linear_name"]] = list(f["linear_names"])
+            elif cls == "GQAQKVColumnParallelLinearSpec":
+                out[f["gqa_qkv_projection_name"]] = [f[f"{x}_projection_name"] for x in ("query", "key", "value")]
+    return out
+
+
+def unfused_adapter_config(config: dict[str, Any], fused: dict[str, list[str]]) -> tuple[dict[str, Any], list[str]]:
+    """target_modules with Neuron's fused names (gate_up_proj, qkv_proj) replaced by the linears they fuse.
+    optimum-neuron already restores them on save (NeuronPeftModel.save_pretrained -> to_original_peft_config), so
+    this is normally a no-op; it guards against hand-edited or older configs."""
+    config = dict(config)
+    targets = config.get("target_modules")
+    notes: list[str] = []
+    if isinstance(targets, list):
+        new: list[str] = []
+        for t in targets:
+            for name in fused.get(t, [t]):
+                if name not in new:
+                    new.append(name)
+        if new != targets:
+            notes.append(f"adapter_config target_modules {targets} -> {new}")
+        config["target_modules"] = new
+    elif isinstance(targets, str) and any(f in targets for f in fused):
+        notes.append(f"adapter_config target_modules pattern {targets!r} names fused Neuron modules; left unchanged")
+    config["inference_mode"] = True
+    return config, notes
+
+
+def _chmod_dir(path: Path) -> None:
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod(0o777 & ~umask)  # mkdtemp makes 0700
+
+
+def consolidate_adapter(
+    checkpoint: Path,
+    output_dir: Path,
+    *,
+    adapter_name: str = "default",
+    allow_drift: bool = False,
+    drift_threshold: float = DEFAULT_DRIFT_THRESHOLD,
+    progress: bool = True,
+) -> ConsolidateResult:
+    """Write `adapter_model.safetensors` (one file, standard PEFT keys) and `adapter_config.json` into `output_dir`."""
+    ckpt, steps, planned = _prepare(Path(checkpoint), Path(output_dir), "lora", adapter_name)
+    assert ckpt.adapter_config is not None  # validate() requires it
+    config, notes = unfused_adapter_config(ckpt.adapter_config, _fused_targets(ckpt))
+    report = DriftReport(drift_threshold, allow_drift)
+    output_dir = Path(output_dir)
+    with atomic_dir(output_dir) as tmp:
+        _chmod_dir(tmp)
+        tensors = iter_unsharded(ckpt, report, steps, _Progress(progress, "consolidate adapter"))
+        _write_files(tmp, tensors, planned, ["adapter_model.safetensors"] * len(planned))
+        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    files = ["adapter_model.safetensors", "adapter_config.json"]
+    return _result(ckpt, output_dir, files, planned, report, ckpt.notes + notes)
+
+
+def shard_names(planned: Planned, max_shard_size: int) -> list[str]:
+    """HF file name of each planned tensor: greedy in write order, a new shard when the next tensor would push
+    the current one past `max_shard_size` (a single larger tensor gets a shard of its own)."""
+    groups: list[int] = []
+    size = 0
+    for _, shape, dtype in planned:
+        n = _nbytes(shape, dtype)
+        if not groups or (size + n > max_shard_size and size > 0):
+            groups.append(0)
+            size = 0
+        groups[-1] += 1
+        size += n
+    if len(groups) == 1:
+        return ["model.safetensors"] * len(planned)
+    return [
+        f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i, count in enumerate(groups) for _ in range(count)
+    ]
+
+
+def consolidate_full(
+    checkpoint: Path,
+    output_dir: Path,
+    *,
+    max_shard_size: int | str = "5GB",
+    allow_drift: bool = False,
+    drift_threshold: float = DEFAULT_DRIFT_THRESHOLD,
+    progress: bool = True,
+) -> ConsolidateResult:
+    """Write HF safetensors shards (+ index when more than one), config/generation config and tokenizer files."""
+    from hyperjob.checkpoint.merge import parse_size
+
+    ckpt, steps, planned = _prepare(Path(checkpoint), Path(output_dir), "full", "default")
+    names = shard_names(planned, parse_size(max_shard_size))
+    report = DriftReport(drift_threshold, allow_drift)
+    notes = list(ckpt.notes)
+    output_dir = Path(output_dir)
+    files = list(dict.fromkeys(names))
+    with atomic_dir(output_dir) as tmp:
+        _chmod_dir(tmp)
+        _write_files(tmp, iter_unsharded(ckpt, report, steps, _Progress(progress, "consolidate")), planned, names)
+        total = sum(_nbytes(s, d) for _, s, d in planned)
+        if len(files) > 1:
+            index = {
+                "metadata": {"total_size": total},
+                "weight_map": {p[0]: n for p, n in zip(planned, names, strict=True)},
+            }
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+            files.append("model.safetensors.index.json")
+        for fname in _MODEL_FILES:
+            src = ckpt.model_dir / fname if ckpt.model_dir else None
+            if src is not None and src.is_file():
+                shutil.copy2(src, tmp / fname)
+                files.append(fname)
+        if "config.json" not in files:
+            notes.append(f"no config.json beside {ckpt.shards_dir}: copy the base model's config.json into the output")
+    return _result(ckpt, output_dir, files, planned, report, notes)
+
+
+def consolidate_any(
+    checkpoint: Path,
+    output_dir: Path,
+    *,
+    adapter_name: str = "default",
+    allow_drift: bool = False,
+    drift_threshold: float = DEFAULT_DRIFT_THRESHOLD,
+    max_shard_size: int | str | None = None,
+    progress: bool = True,
+) -> ConsolidateResult:
+    """consolidate_adapter or consolidate_full, whichever the checkpoint holds (max_shard_size: full only)."""
+    if resolve_checkpoint(Path(checkpoint), adapter_name).kind == "lora":
+        return consolidate_adapter(
+            checkpoint, output_dir, adapter_name=adapter_name, allow_drift=allow_drift,
+            drift_threshold=drift_threshold, progress=progress,
+        )  # fmt: skip
+    return consolidate_full(
+        checkpoint, output_dir, max_shard_size=max_shard_size or "5GB", allow_drift=allow_drift,
+        drift_threshold=drift_threshold, progress=progress,
+    )  # fmt: skip
