@@ -195,7 +195,7 @@ def test_merge_rejects_adapter_of_another_model(trained: Trained, tmp_path: Path
     adapter = RunPaths(trained.run_dir).adapter
     with pytest.raises(MergeError) as err:
         merge_adapter(adapter, other, tmp_path / "merged")
-    assert str(adapter) in str(err.value) and str(other) in str(err.value) and "size mismatch" in str(err.value)
+    assert str(adapter) in str(err.value) and str(other) in str(err.value) and "does not fit" in str(err.value)
     assert not (tmp_path / "merged").exists()
 
 

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from hyperjob.checkpoint.common import TOKENIZER_FILES, parse_size
 from hyperjob.checkpoint.drift import DEFAULT_DRIFT_THRESHOLD, DriftReport
 from hyperjob.checkpoint.reader import ShardedCheckpoint, resolve_checkpoint, validate
 from hyperjob.checkpoint.safetensors_io import SafetensorsWriter
@@ -46,17 +47,7 @@ _ST_DTYPES = {
     torch.float8_e4m3fn: "F8_E4M3",
     torch.float8_e5m2: "F8_E5M2",
 }
-_MODEL_FILES = (
-    "config.json",
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer.model",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "chat_template.json",
-)
+_MODEL_FILES = ("config.json", "generation_config.json", *TOKENIZER_FILES)
 Planned = list[tuple[str, tuple[int, ...], torch.dtype]]
 
 
@@ -271,7 +262,6 @@ def consolidate_full(
     progress: bool = True,
 ) -> ConsolidateResult:
     """Write HF safetensors shards (+ index when more than one), config/generation config and tokenizer files."""
-    from hyperjob.checkpoint.merge import parse_size
 
     ckpt, steps, planned = _prepare(Path(checkpoint), Path(output_dir), "full", "default")
     names = shard_names(planned, parse_size(max_shard_size))

@@ -103,6 +103,8 @@ class DriftReport:
         if self.exceeding() and not self.allow_drift:
             raise ReplicaDriftError(
                 "replicated tensors differ across tensor-parallel ranks (typically sequence parallelism, whose "
-                "replicated-weight gradients are not reduced over the TP group). Pass allow_drift=True to use the "
-                "fp32 mean of the copies, or raise the threshold.\n" + self.summary()
+                "replicated-weight gradients are not reduced over the TP group). Allow drift to use the fp32 mean "
+                "of the copies (hyperjob consolidate --allow-drift; config consolidate.allow_drift), or raise the "
+                "threshold.\n"
+                + self.summary()
             )

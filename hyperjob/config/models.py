@@ -147,8 +147,21 @@ class EvaluateSection(_Model):
     max_new_tokens: PositiveInt = 64
 
 
+_SIZE = r"^\d+(\.\d+)?(B|KB|MB|GB|KiB|MiB|GiB)$"
+
+
+class ConsolidateSection(_Model):
+    """Neuron sharded checkpoint -> PEFT adapter."""
+
+    allow_drift: bool = Field(default=False, description="accept replicated LoRA factors that differ across TP ranks")
+
+
 class MergeSection(_Model):
-    max_shard_size: str = Field(default="5GB", pattern=r"^\d+(\.\d+)?(B|KB|MB|GB|KiB|MiB|GiB)$")
+    """Streaming merge of the adapter into the base model."""
+
+    max_shard_size: str | None = Field(default=None, pattern=_SIZE, description="None: keep the base's shards")
+    max_memory: str = Field(default="1GB", pattern=_SIZE)
+    workers: PositiveInt = 1
 
 
 class EnvironmentSection(_Model):
@@ -194,6 +207,7 @@ class HyperjobConfig(_Model):
     parallel: ParallelSection = Field(default_factory=ParallelSection)
     training: TrainingSection = Field(default_factory=TrainingSection)
     lora: LoraSection = Field(default_factory=LoraSection)
+    consolidate: ConsolidateSection = Field(default_factory=ConsolidateSection)
     merge: MergeSection = Field(default_factory=MergeSection)
     evaluate: EvaluateSection = Field(default_factory=EvaluateSection)
     environment: EnvironmentSection = Field(default_factory=EnvironmentSection)

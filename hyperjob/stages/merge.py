@@ -15,13 +15,18 @@ def _merge(paths: RunPaths, cfg: HyperjobConfig) -> int:
     require_model_dir(base, "base model", "run the download stage first")
     if not (paths.adapter / "adapter_config.json").is_file():
         raise StageError(f"no adapter in {paths.adapter}: run the train stage first")
-    log.info("merging %s into %s (shards up to %s)", paths.adapter, base, cfg.merge.max_shard_size)
+    m = cfg.merge
+    shards = f"shards up to {m.max_shard_size}" if m.max_shard_size else "the base's shards"
+    log.info("merging %s into %s (%s, memory budget %s)", paths.adapter, base, shards, m.max_memory)
     try:
-        out = merge_adapter(paths.adapter, base, paths.merged, max_shard_size=cfg.merge.max_shard_size)
+        out = merge_adapter(
+            paths.adapter, base, paths.merged, max_shard_size=m.max_shard_size, max_memory=m.max_memory,
+            workers=m.workers, progress=True,
+        )  # fmt: skip
     except MergeError as e:
         raise StageError(str(e)) from None
-    shards = sorted(p.name for p in out.glob("*.safetensors"))
-    print(f"merged model: {out} ({len(shards)} safetensors shard{'s' if len(shards) != 1 else ''})", flush=True)
+    files = sorted(p.name for p in out.glob("*.safetensors"))
+    print(f"merged model: {out} ({len(files)} safetensors shard{'s' if len(files) != 1 else ''})", flush=True)
     return 0
 
 

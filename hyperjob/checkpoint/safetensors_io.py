@@ -1,0 +1,394 @@
+"""Streaming safetensors reader and writer built on plain positional reads and writes.
+
+No mmap on purpose: Linux counts the mapped pages of a file in the process's RSS, so reading a 5 GB shard
+through `safe_open` shows up as gigabytes of resident memory. Here bytes go through `os.preadv` into a buffer the
+caller reuses, and untouched ranges are copied file-to-file in the kernel (`copy_file_range`), so memory stays
+flat whatever the model size. Standard library only: no torch, no safetensors package.
+
+Format: 8-byte little-endian header length N, N bytes of JSON (`{"__metadata__": {str: str}, name: {"dtype",
+"shape", "data_offsets": [start, end]}, ...}`, space-padded to a multiple of 8), then the tensor bytes; offsets are
+relative to the end of the header and must tile the data section exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import math
+import os
+import struct
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+# Bits per element, as the reference implementation defines them (sub-byte float types included).
+DTYPE_BITS: dict[str, int] = {
+    "BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6,
+    "I16": 16, "U16": 16, "F16": 16, "BF16": 16, "I32": 32, "U32": 32, "F32": 32, "I64": 64, "U64": 64, "F64": 64,
+}  # fmt: skip
+MAX_HEADER_BYTES = 100_000_000  # the reference rejects larger headers too
+_COPY_STEP = 1 << 30  # bytes per copy_file_range / sendfile call (the kernel caps one call near 2 GiB anyway)
+WRITEBACK_EVERY = 32 << 20  # start writeback this often, so the final fsync has little left to wait for
+
+
+class SafetensorsError(ValueError):
+    """A safetensors file is truncated, corrupt or not what the caller expected; the message names the file."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives: `start` is an absolute file offset, so it can go straight to pread."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    nbytes: int
+
+    @property
+    def end(self) -> int:
+        return self.start + self.nbytes
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def rows(self) -> int:
+        """Length of dim 0 (1 for a scalar): the unit a tensor is chunked by."""
+        return self.shape[0] if self.shape else 1
+
+    @property
+    def row_bytes(self) -> int:
+        return self.nbytes // self.rows if self.rows else 0
+
+
+def tensor_nbytes(dtype: str, shape: Sequence[int]) -> int:
+    """Size in bytes of a dtype x shape; raises ValueError for an unknown dtype or a partial trailing byte."""
+    if dtype not in DTYPE_BITS:
+        raise ValueError(f"unknown safetensors dtype {dtype!r}")
+    bits = math.prod(shape) * DTYPE_BITS[dtype]
+    if bits % 8:
+        raise ValueError(f"{dtype} x {list(shape)} does not fill a whole number of bytes")
+    return bits // 8
+
+
+def pread_into(fd: int, buf: memoryview, offset: int, path: Path | str) -> None:
+    """Fill all of `buf` from `offset`, looping over short reads; EOF first means the file shrank or is cut."""
+    done = 0
+    while done < len(buf):
+        got = os.preadv(fd, [buf[done:]], offset + done)
+        if got == 0:
+            raise SafetensorsError(f"{path}: unexpected end of file at byte {offset + done} (truncated file?)")
+        done += got
+
+
+def pwrite_all(fd: int, data: memoryview | bytes, offset: int) -> None:
+    """Write all of `data` at `offset`, looping over short writes."""
+    view = memoryview(data).cast("B")
+    done = 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done:], offset + done)
+
+
+_kernel_copy = {"copy_file_range": hasattr(os, "copy_file_range"), "sendfile": hasattr(os, "sendfile")}
+_NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF, errno.ETXTBSY}
+
+
+def copy_range(src_fd: int, src_off: int, dst_path: Path, dst_fd: int, dst_off: int, n: int, buf: memoryview) -> None:
+    """Copy n bytes between files without turning them into Python objects.
+
+    copy_file_range first (in-kernel, reflinks where the filesystem can), then sendfile on a private fd (it writes
+    at the file position, which workers sharing `dst_fd` must not race on), then pread/pwrite through `buf`. A
+    mechanism that fails with "not supported here" is not tried again by this process.
+    """
+    end = src_off + n
+    if _kernel_copy["copy_file_range"]:
+        try:
+            while src_off < end:
+                got = os.copy_file_range(src_fd, dst_fd, min(_COPY_STEP, end - src_off), src_off, dst_off)
+                if got == 0:
+                    raise SafetensorsError(f"source ended {end - src_off} bytes early while copying to {dst_path}")
+                src_off, dst_off = src_off + got, dst_off + got
+            return
+        except OSError as e:
+            if e.errno not in _NO_KERNEL_COPY:
+                raise
+            _kernel_copy["copy_file_range"] = False
+    if _kernel_copy["sendfile"] and src_off < end:
+        try:
+            own = os.open(dst_path, os.O_WRONLY)
+            try:
+                os.lseek(own, dst_off, os.SEEK_SET)
+                while src_off < end:
+                    got = os.sendfile(own, src_fd, src_off, min(_COPY_STEP, end - src_off))
+                    if got == 0:
+                        raise SafetensorsError(f"source ended {end - src_off} bytes early while copying to {dst_path}")
+                    src_off, dst_off = src_off + got, dst_off + got
+            finally:
+                os.close(own)
+            return
+        except OSError as e:
+            if e.errno not in _NO_KERNEL_COPY:
+                raise
+            _kernel_copy["sendfile"] = False
+    while src_off < end:
+        step = min(len(buf), end - src_off)
+        pread_into(src_fd, buf[:step], src_off, f"source of {dst_path}")
+        pwrite_all(dst_fd, buf[:step], dst_off)
+        src_off, dst_off = src_off + step, dst_off + step
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate key {key!r}")
+        out[key] = value
+    return out
+
+
+def _parse_entry(name: str, entry: Any) -> tuple[str, tuple[int, ...], int, int]:
+    if not isinstance(entry, dict):
+        raise ValueError(f"entry for {name!r} is not an object")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if dtype not in DTYPE_BITS:
+        raise ValueError(f"tensor {name!r} has unknown dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise ValueError(f"tensor {name!r} has an invalid shape {shape!r}")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+        or not 0 <= offsets[0] <= offsets[1]
+    ):
+        raise ValueError(f"tensor {name!r} has invalid data_offsets {offsets!r}")
+    return dtype, tuple(shape), offsets[0], offsets[1]
+
+
+class SafetensorsReader:
+    """An open safetensors file whose header was fully validated; tensor bytes are read on request only."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        try:
+            self.metadata, self.tensors, self.data_start = self._parse()
+        except BaseException:
+            os.close(self._fd)
+            raise
+
+    def _parse(self) -> tuple[dict[str, str] | None, dict[str, TensorInfo], int]:
+        size = os.fstat(self._fd).st_size
+        if size < 8:
+            raise SafetensorsError(f"{self.path}: {size} bytes is too short for a safetensors file (truncated?)")
+        head = bytearray(8)
+        pread_into(self._fd, memoryview(head), 0, self.path)
+        (n,) = struct.unpack("<Q", head)
+        if n > MAX_HEADER_BYTES:
+            raise SafetensorsError(f"{self.path}: header length {n} exceeds {MAX_HEADER_BYTES} (not safetensors?)")
+        if 8 + n > size:
+            raise SafetensorsError(f"{self.path}: header needs {n} bytes but the file has {size - 8} (truncated)")
+        raw = bytearray(n)
+        pread_into(self._fd, memoryview(raw), 8, self.path)
+        try:
+            if not raw.startswith(b"{"):
+                raise ValueError("header does not start with '{'")
+            header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+            if not isinstance(header, dict):
+                raise ValueError("header is not a JSON object")
+            metadata = header.pop("__metadata__", None)
+            if metadata is not None and not (
+                isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())
+            ):
+                raise ValueError("__metadata__ must map strings to strings")
+            entries = sorted(((*_parse_entry(k, v), k) for k, v in header.items()), key=lambda e: (e[2], e[3]))
+        except ValueError as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors too
+            raise SafetensorsError(f"{self.path}: corrupt safetensors header: {e}") from None
+        data_start, data_size = 8 + n, size - 8 - n
+        tensors: dict[str, TensorInfo] = {}
+        cursor = 0
+        for dtype, shape, begin, end, name in entries:
+            if begin != cursor:
+                raise SafetensorsError(f"{self.path}: tensor {name!r} starts at {begin}, expected {cursor} (corrupt)")
+            try:
+                expected = tensor_nbytes(dtype, shape)
+            except ValueError as e:
+                raise SafetensorsError(f"{self.path}: tensor {name!r}: {e}") from None
+            if end - begin != expected:
+                raise SafetensorsError(
+                    f"{self.path}: tensor {name!r} ({dtype} x {list(shape)}) needs {expected} bytes, "
+                    f"header gives {end - begin} (corrupt)"
+                )
+            tensors[name] = TensorInfo(name, dtype, shape, data_start + begin, expected)
+            cursor = end
+        if cursor > data_size:
+            raise SafetensorsError(
+                f"{self.path}: header promises {cursor} bytes of tensor data, the file has {data_size} (truncated)"
+            )
+        if cursor < data_size:
+            raise SafetensorsError(f"{self.path}: {data_size - cursor} unexpected bytes after the last tensor")
+        return metadata, tensors, data_start
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def read_into(self, name: str, buf: memoryview, *, start: int = 0, nbytes: int | None = None) -> memoryview:
+        """Read bytes [start, start+nbytes) of tensor `name` into the front of `buf`; return that slice."""
+        info = self.tensors[name]
+        nbytes = info.nbytes - start if nbytes is None else nbytes
+        if start < 0 or nbytes < 0 or start + nbytes > info.nbytes:
+            raise ValueError(f"{self.path}: byte range [{start}, {start + nbytes}) outside tensor {name!r}")
+        if nbytes > len(buf):
+            raise ValueError(f"buffer of {len(buf)} bytes cannot hold {nbytes} bytes of {name!r}")
+        view = buf[:nbytes]
+        pread_into(self._fd, view, info.start + start, self.path)
+        return view
+
+    def read_rows(self, name: str, row_start: int, row_end: int, buf: memoryview) -> memoryview:
+        """Read rows [row_start, row_end) along dim 0 of tensor `name` into the front of `buf`."""
+        info = self.tensors[name]
+        if not 0 <= row_start <= row_end <= info.rows:
+            raise ValueError(f"{self.path}: rows [{row_start}, {row_end}) outside tensor {name!r} of {info.rows}")
+        return self.read_into(
+            name, buf, start=row_start * info.row_bytes, nbytes=(row_end - row_start) * info.row_bytes
+        )
+
+    def read_bytes(self, name: str) -> bytearray:
+        """A fresh buffer holding the whole tensor (for small tensors such as LoRA factors)."""
+        out = bytearray(self.tensors[name].nbytes)
+        self.read_into(name, memoryview(out))
+        return out
+
+    def advise(self, offset: int, length: int, *, willneed: bool = True) -> None:
+        """Hint the kernel to read a range ahead (page cache, not our RSS), or that reads will be sequential."""
+        if hasattr(os, "posix_fadvise"):
+            advice = os.POSIX_FADV_WILLNEED if willneed else os.POSIX_FADV_SEQUENTIAL
+            with contextlib.suppress(OSError):
+                os.posix_fadvise(self._fd, offset, length, advice)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> SafetensorsReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def build_header(entries: Iterable[tuple[str, str, Sequence[int]]], metadata: dict[str, str] | None) -> bytes:
+    """Length prefix + JSON header, padded with spaces to 8 bytes like the reference writer; data in entry order."""
+    header: dict[str, Any] = {}
+    if metadata is not None:
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+            raise ValueError("safetensors __metadata__ must map strings to strings")
+        header["__metadata__"] = metadata
+    cursor = 0
+    for name, dtype, shape in entries:
+        if name == "__metadata__" or name in header:
+            raise ValueError(f"tensor name {name!r} is reserved or repeated")
+        size = tensor_nbytes(dtype, shape)
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [cursor, cursor + size]}
+        cursor += size
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+class SafetensorsWriter:
+    """A safetensors file whose full layout is fixed up front, so its bytes can arrive streamed or in parallel.
+
+    `write` appends sequentially; `write_at`/`copy_at` place bytes at a tensor-relative offset, which is what lets
+    several workers fill one file. `close` checks every byte was written, fsyncs, and only then reports success.
+    """
+
+    def __init__(
+        self, path: Path | str, entries: Sequence[tuple[str, str, Sequence[int]]], metadata: dict[str, str] | None
+    ) -> None:
+        self.path = Path(path)
+        header = build_header(entries, metadata)
+        self.tensors: dict[str, TensorInfo] = {}
+        cursor = len(header)
+        for name, dtype, shape in entries:
+            size = tensor_nbytes(dtype, shape)
+            self.tensors[name] = TensorInfo(name, dtype, tuple(shape), cursor, size)
+            cursor += size
+        self.size = cursor
+        self._data_bytes = cursor - len(header)
+        self._written = self._unflushed = 0
+        self._pos = len(header)
+        self._lock = threading.Lock()
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o644)
+        try:
+            if hasattr(os, "posix_fallocate") and self.size:
+                with contextlib.suppress(OSError):  # not every filesystem can; ENOSPC then shows at write time
+                    os.posix_fallocate(self._fd, 0, self.size)
+            os.ftruncate(self._fd, self.size)
+            pwrite_all(self._fd, header, 0)
+        except BaseException:
+            os.close(self._fd)
+            raise
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def _target(self, name: str, start: int, nbytes: int) -> int:
+        info = self.tensors[name]
+        if start < 0 or start + nbytes > info.nbytes:
+            raise ValueError(f"{self.path}: byte range [{start}, {start + nbytes}) outside tensor {name!r}")
+        return info.start + start
+
+    def _count(self, nbytes: int) -> None:
+        with self._lock:
+            self._written += nbytes
+            self._unflushed += nbytes
+            flush, self._unflushed = self._unflushed >= WRITEBACK_EVERY, self._unflushed % WRITEBACK_EVERY
+        if flush and hasattr(os, "posix_fadvise"):
+            # DONTNEED starts asynchronous writeback of the dirty pages (and drops the clean ones): the disk writes
+            # while we compute, instead of all at once in close()'s fsync, and the output does not crowd the cache.
+            with contextlib.suppress(OSError):
+                os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_DONTNEED)
+
+    def write(self, data: memoryview | bytes) -> None:
+        """Append the next bytes in layout order (single writer)."""
+        view = memoryview(data).cast("B")
+        if self._pos + len(view) > self.size:
+            raise ValueError(f"{self.path}: write past the {self.size} bytes the header declares")
+        pwrite_all(self._fd, view, self._pos)
+        self._pos += len(view)
+        self._count(len(view))
+
+    def write_at(self, name: str, start: int, data: memoryview | bytes) -> None:
+        """Write bytes at offset `start` inside tensor `name` (safe from several threads for disjoint ranges)."""
+        view = memoryview(data).cast("B")
+        pwrite_all(self._fd, view, self._target(name, start, len(view)))
+        self._count(len(view))
+
+    def copy_at(self, name: str, start: int, src_fd: int, src_off: int, nbytes: int, buf: memoryview) -> None:
+        """Copy `nbytes` from another file into tensor `name` at `start`, in the kernel when possible."""
+        copy_range(src_fd, src_off, self.path, self._fd, self._target(name, start, nbytes), nbytes, buf)
+        self._count(nbytes)
+
+    def close(self) -> None:
+        """fsync and close; raises if fewer bytes arrived than the header promised (the file is then incomplete)."""
+        if self._fd < 0:
+            return
+        fd, self._fd = self._fd, -1
+        try:
+            if self._written != self._data_bytes:
+                raise SafetensorsError(f"{self.path}: {self._written} of {self._data_bytes} tensor bytes written")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def abort(self) -> None:
+        """Close without the completeness check (the caller is discarding the file)."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1

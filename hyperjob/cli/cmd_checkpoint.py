@@ -1,0 +1,107 @@
+"""`hyperjob consolidate` and `hyperjob merge`: checkpoints to standard files, on any CPU machine.
+
+Heavy imports (torch) happen inside the verbs, so `hyperjob --help` stays light.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from hyperjob.cli.common import EXIT_RUN_FAILED, CliError
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    c = sub.add_parser(
+        "consolidate",
+        help="Neuron tensor-parallel checkpoint -> PEFT adapter (and a merged model)",
+        description="Read an optimum-neuron 0.4.x sharded checkpoint (xser or plain; an output dir means its newest "
+        "complete checkpoint-N) and write a standard PEFT adapter; with --base-model, also merge it into a "
+        "Hugging Face model. Needs no Neuron software; memory stays bounded. Everything is checked before "
+        "anything is written, and outputs appear only when complete.",
+        epilog="example:\n  hyperjob consolidate /fsx/run/checkpoints --output adapter/ \\\n"
+        "      --base-model /fsx/models/Meta-Llama-3-8B --merged-output merged/",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    c.add_argument("checkpoint", type=Path, metavar="CHECKPOINT", help="output dir, checkpoint-N, or its shards dir")
+    c.add_argument("--output", type=Path, required=True, metavar="DIR", help="adapter dir (full checkpoints: model)")
+    c.add_argument("--base-model", type=Path, metavar="DIR", help="base model to merge the adapter into")
+    c.add_argument("--merged-output", type=Path, metavar="DIR", help="where the merged model goes")
+    c.add_argument("--adapter-name", default="default", help="adapter_<name> inside the checkpoint (default: default)")
+    c.add_argument("--allow-drift", action="store_true", help="accept replicated tensors that differ across ranks")
+    _add_merge_options(c)
+    c.set_defaults(func=cmd_consolidate)
+
+    m = sub.add_parser(
+        "merge",
+        help="merge a PEFT LoRA adapter into its base model, streaming",
+        description="W' = W + s * (B @ A) per tensor, in fp32 row chunks, cast back to W's dtype; untouched tensors "
+        "are copied as bytes. Output shards keep the base's names (or --max-shard-size), plus the index, config, "
+        "generation config and tokenizer. DoRA adapters are refused.",
+    )
+    m.add_argument("adapter", type=Path, metavar="ADAPTER_DIR")
+    m.add_argument("--base", type=Path, required=True, metavar="BASE_DIR")
+    m.add_argument("--output", type=Path, required=True, metavar="MERGED_DIR")
+    _add_merge_options(m)
+    m.set_defaults(func=cmd_merge)
+
+
+def _add_merge_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-memory", default="1GB", metavar="SIZE", help="memory budget for merging (default 1GB)")
+    p.add_argument("--workers", type=int, default=1, metavar="N", help="tensors merged in parallel (default 1)")
+    p.add_argument("--max-shard-size", default=None, metavar="SIZE", help="reshard the output (default: as the base)")
+
+
+def _sizes(args: argparse.Namespace) -> tuple[int, int | None]:
+    from hyperjob.checkpoint.merge import parse_size
+
+    try:
+        memory = parse_size(args.max_memory)
+        shard = parse_size(args.max_shard_size) if args.max_shard_size else None
+    except ValueError as e:
+        raise CliError(str(e)) from None
+    if args.workers < 1:
+        raise CliError(f"--workers {args.workers}: must be at least 1")
+    return memory, shard
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from hyperjob.checkpoint.merge import MergeError, merge_adapter
+
+    memory, shard = _sizes(args)
+    try:
+        out = merge_adapter(
+            args.adapter, args.base, args.output, max_shard_size=shard, max_memory=memory, workers=args.workers
+        )
+    except (MergeError, FileNotFoundError) as e:
+        raise CliError(str(e), EXIT_RUN_FAILED) from None
+    print(f"merged model: {out}")
+    return 0
+
+
+def cmd_consolidate(args: argparse.Namespace) -> int:
+    from hyperjob.checkpoint.consolidate import consolidate_any
+    from hyperjob.checkpoint.merge import MergeError, merge_adapter
+    from hyperjob.checkpoint.xser import CheckpointError
+
+    if (args.base_model is None) != (args.merged_output is None):
+        raise CliError("--base-model and --merged-output go together")
+    memory, shard = _sizes(args)
+    try:
+        result = consolidate_any(args.checkpoint, args.output, adapter_name=args.adapter_name,
+                                 allow_drift=args.allow_drift, max_shard_size=shard)  # fmt: skip
+    except CheckpointError as e:
+        raise CliError(str(e), EXIT_RUN_FAILED) from None
+    print(f"{result.kind} checkpoint (TP {result.tp_size}, PP {result.pp_size}, {'xser' if result.xser else 'plain'}) "
+          f"-> {result.output_dir}: {result.tensors} tensors, {result.total_bytes / 1e6:.1f} MB")  # fmt: skip
+    print(f"replica drift: {result.drift.summary()}")
+    for note in result.notes:
+        print(f"note: {note}")
+    if args.base_model is not None and result.kind == "lora":
+        try:
+            out = merge_adapter(result.output_dir, args.base_model, args.merged_output, max_shard_size=shard,
+                                max_memory=memory, workers=args.workers)  # fmt: skip
+        except (MergeError, FileNotFoundError) as e:
+            raise CliError(str(e), EXIT_RUN_FAILED) from None
+        print(f"merged model: {out}")
+    return 0
