@@ -7,6 +7,10 @@ workdir stays readable by the other jobs of the group.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
+import fcntl
+import glob
 import json
 import os
 import shutil
@@ -18,30 +22,67 @@ from pathlib import Path
 from typing import Any
 
 
-def _aside(target: Path, tag: str) -> Path:
-    return target.parent / f".{target.name}.{tag}-{uuid.uuid4().hex[:8]}"
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _lock_dir(path: Path) -> int | None:
+    """flock a staging dir (the kernel drops it if we are killed); None when a live process holds it."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths with renameat2(RENAME_EXCHANGE); False where the OS or filesystem cannot."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if fn(-100, os.fsencode(a), -100, os.fsencode(b), 2) == 0:  # AT_FDCWD, RENAME_EXCHANGE
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _partial(target: Path, tag: str = "") -> Path:
+    return target.parent / f".{target.name}.{uuid.uuid4().hex[:12]}{tag}.partial"
 
 
 def replace_dir(src: Path, target: Path) -> None:
-    """Move a finished `src` directory to `target`; an old `target` is moved aside first and deleted after.
+    """Move a finished `src` directory to `target`, replacing an old one.
 
-    At every instant either the old or the new directory sits at `target` (never neither, never a mix).
+    Where the filesystem can swap atomically, `target` is the old or the new directory at every instant; else
+    the old one is renamed aside first (a kill between the two renames leaves it in a `.partial` dir).
     """
-    old: Path | None = None
-    if target.exists() or target.is_symlink():
-        old = _aside(target, "old")
-        os.replace(target, old)
-    try:
-        os.replace(src, target)
-    except BaseException:
-        if old is not None:
-            os.replace(old, target)
-        raise
-    if old is not None:
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.unlink()
+    if not os.path.lexists(target):
+        os.rename(src, target)
+    elif _exchange(src, target):  # src now holds the old output
+        shutil.rmtree(src, ignore_errors=True)
+    else:
+        aside = _partial(target, ".old")
+        os.rename(target, aside)
+        try:
+            os.rename(src, target)
+        except BaseException:
+            os.rename(aside, target)
+            raise
+        shutil.rmtree(aside, ignore_errors=True)
+    fsync_dir(target.parent)
 
 
 def _umask() -> int:
@@ -64,17 +105,30 @@ def apply_umask(tree: Path) -> None:
 
 @contextlib.contextmanager
 def atomic_dir(target: Path) -> Iterator[Path]:
-    """Yield a temp dir beside `target`; on success it replaces `target`, on error it is removed."""
+    """Yield `.NAME.<id>.partial` beside `target`; on success it replaces `target`, on error it is removed.
+
+    Stale `.NAME.*.partial` dirs of killed runs are removed first; a live run's dir is kept (it holds a flock).
+    """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    for stale in glob.glob(os.path.join(glob.escape(str(target.parent)), f".{glob.escape(target.name)}.*.partial")):
+        if (fd := _lock_dir(Path(stale))) is not None:
+            shutil.rmtree(stale, ignore_errors=True)
+            os.close(fd)
+    tmp = _partial(target)
+    tmp.mkdir()
+    lock = _lock_dir(tmp)
     try:
         yield tmp
         apply_umask(tmp)
+        fsync_dir(tmp)
         replace_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        if lock is not None:
+            os.close(lock)
 
 
 def atomic_write_text(path: Path, text: str) -> None:

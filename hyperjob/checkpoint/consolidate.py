@@ -12,7 +12,6 @@ then each tensor's bytes are appended as it is produced (safetensors_io.Safetens
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 import time
@@ -203,12 +202,6 @@ def unfused_adapter_config(config: dict[str, Any], fused: dict[str, list[str]]) 
     return config, notes
 
 
-def _chmod_dir(path: Path) -> None:
-    umask = os.umask(0)
-    os.umask(umask)
-    path.chmod(0o777 & ~umask)  # mkdtemp makes 0700
-
-
 def consolidate_adapter(
     checkpoint: Path,
     output_dir: Path,
@@ -225,7 +218,6 @@ def consolidate_adapter(
     report = DriftReport(drift_threshold, allow_drift)
     output_dir = Path(output_dir)
     with atomic_dir(output_dir) as tmp:
-        _chmod_dir(tmp)
         tensors = iter_unsharded(ckpt, report, steps, _Progress(progress, "consolidate adapter"))
         _write_files(tmp, tensors, planned, ["adapter_model.safetensors"] * len(planned))
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
@@ -270,7 +262,6 @@ def consolidate_full(
     output_dir = Path(output_dir)
     files = list(dict.fromkeys(names))
     with atomic_dir(output_dir) as tmp:
-        _chmod_dir(tmp)
         _write_files(tmp, iter_unsharded(ckpt, report, steps, _Progress(progress, "consolidate")), planned, names)
         total = sum(_nbytes(s, d) for _, s, d in planned)
         if len(files) > 1:

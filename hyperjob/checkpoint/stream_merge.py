@@ -30,7 +30,8 @@ from hyperjob.checkpoint.safetensors_io import (
     TensorInfo,
     tensor_nbytes,
 )
-from hyperjob.checkpoint.stream_support import ByteProgress, ProgressFn, Readahead, staging_dir, write_durable
+from hyperjob.checkpoint.stream_support import ByteProgress, ProgressFn, Readahead, write_durable
+from hyperjob.fsutil import atomic_dir
 
 __all__ = ["StreamMergeError", "merge_streaming"]
 
@@ -336,7 +337,7 @@ def _merge(
         total = sum(tensor_nbytes(it.dtype, it.info.shape) for _, _, items in plan for it in items)
         for r in readers:
             r.advise(0, 0, willneed=False)  # sequential: larger kernel readahead
-        with staging_dir(output_dir) as tmp:
+        with atomic_dir(output_dir) as tmp:
             if (free := shutil.disk_usage(tmp).free) < total:
                 raise StreamMergeError(f"{output_dir.parent} has {free} bytes free; the merged model needs {total}")
             outs, tasks = [], []

@@ -8,18 +8,11 @@ next run deletes such stale dirs and leaves alone those still locked by a live r
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import errno
-import fcntl
-import glob
 import os
-import shutil
 import sys
 import threading
 import time
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -84,78 +77,6 @@ def write_durable(path: Path, data: bytes) -> None:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _lock_dir(path: Path) -> int | None:
-    """flock a staging dir (the kernel drops it if we are killed); None when a live run holds it."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        os.close(fd)
-        return None
-    return fd
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Atomically swap two paths with renameat2(RENAME_EXCHANGE); False where the OS or filesystem cannot."""
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError):
-        return False
-    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    if fn(-100, os.fsencode(a), -100, os.fsencode(b), 2) == 0:  # AT_FDCWD, RENAME_EXCHANGE
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
-        return False
-    raise OSError(err, os.strerror(err), str(b))
-
-
-@contextlib.contextmanager
-def staging_dir(target: Path) -> Iterator[Path]:
-    """Yield `.NAME.<id>.partial` beside `target`; on success swap it in (old output deleted after), else remove it.
-
-    Stale `.NAME.*.partial` dirs of killed runs are removed first; a live run's dir is kept (it holds a flock).
-    """
-    target.parent.mkdir(parents=True, exist_ok=True)
-    for stale in glob.glob(os.path.join(glob.escape(str(target.parent)), f".{glob.escape(target.name)}.*.partial")):
-        if (fd := _lock_dir(Path(stale))) is not None:
-            shutil.rmtree(stale, ignore_errors=True)
-            os.close(fd)
-    tmp = target.parent / f".{target.name}.{uuid.uuid4().hex[:12]}.partial"
-    tmp.mkdir()
-    lock = _lock_dir(tmp)
-    try:
-        yield tmp
-        fsync_dir(tmp)
-        if not os.path.lexists(target):
-            os.rename(tmp, target)
-        elif _exchange(tmp, target):  # target is the new output at every instant; tmp now holds the old one
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:  # a kill -9 between these two renames leaves no output; the old one sits in a .partial dir
-            aside = target.parent / f".{target.name}.{uuid.uuid4().hex[:12]}.old.partial"
-            os.rename(target, aside)
-            os.rename(tmp, target)
-            shutil.rmtree(aside, ignore_errors=True)
-        fsync_dir(target.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        if lock is not None:
-            os.close(lock)
 
 
 class Readahead(threading.Thread):

@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from hyperjob.checkpoint.safetensors_io import SafetensorsError, pread_into
+
 XSER_REFERENCE_GLOBAL = "torch_xla.utils.serialization.TensorReference"
 _GLOBAL_RE = re.compile(r"GLOBAL ([\w.]+)")
 
@@ -236,15 +238,6 @@ def _plain_spans(path: Path) -> dict[str, _Span] | None:
     return spans
 
 
-def _pread_exact(fd: int, buf: memoryview, offset: int, path: Path) -> None:
-    done = 0
-    while done < len(buf):
-        got = os.preadv(fd, [buf[done:]], offset + done)
-        if got == 0:
-            raise CheckpointError(f"{path}: ends at byte {offset + done}, inside a tensor (truncated file)")
-        done += got
-
-
 class PlainRankReader:
     """Single tensors of plain rank files by positional reads into fresh buffers.
 
@@ -282,7 +275,10 @@ class PlainRankReader:
             return torch.empty(span.shape, dtype=span.dtype)
         fd = os.open(rank_file, os.O_RDONLY)
         try:
-            _pread_exact(fd, raw.numpy().data, start, rank_file)
+            try:
+                pread_into(fd, raw.numpy().data, start, rank_file)
+            except SafetensorsError as e:
+                raise CheckpointError(f"{e}: ends inside a tensor") from None
         finally:
             os.close(fd)
         data = raw.view(span.dtype)
