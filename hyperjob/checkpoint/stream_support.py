@@ -49,9 +49,12 @@ class ByteProgress:
     def _line(self, now: float) -> None:
         rate = self.done / max(now - self.t0, 1e-9)
         pct = 100 * self.done / max(self.total, 1)
-        done, total = self.done / 1e9, self.total / 1e9
+        scale, unit = (1e9, "GB") if self.total >= 1e9 else (1e6, "MB")
+        done, total = self.done / scale, self.total / scale
         print(
-            f"{self.label}: {done:.2f}/{total:.2f} GB ({pct:.0f}%), {rate / 1e6:.0f} MB/s", file=sys.stderr, flush=True
+            f"{self.label}: {done:.2f}/{total:.2f} {unit} ({pct:.0f}%), {rate / 1e6:.0f} MB/s",
+            file=sys.stderr,
+            flush=True,
         )
 
     def advance(self, n: int) -> None:
