@@ -105,6 +105,5 @@ class DriftReport:
                 "replicated tensors differ across tensor-parallel ranks (typically sequence parallelism, whose "
                 "replicated-weight gradients are not reduced over the TP group). Allow drift to use the fp32 mean "
                 "of the copies (hyperjob consolidate --allow-drift; config consolidate.allow_drift), or raise the "
-                "threshold.\n"
-                + self.summary()
+                "threshold.\n" + self.summary()
             )

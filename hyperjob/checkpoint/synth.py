@@ -17,7 +17,8 @@ from typing import Any, Literal
 
 import torch
 
-from hyperjob.checkpoint.synth_model import BLOCK, PEFT, PROJECTIONS, QKV, Dims, Layout, Param, Tensor, Walk
+from hyperjob.checkpoint.synth_layout import BLOCK, PEFT, PROJECTIONS, QKV, Dims, Layout, Tensor
+from hyperjob.checkpoint.synth_model import Param, Walk
 
 __all__ = [
     "PROJECTIONS",
