@@ -16,9 +16,12 @@ if [[ ! -x .venv/bin/python ]]; then
   echo "[install] creating .venv with $("$PYTHON" --version)"
   "$PYTHON" -m venv .venv
 fi
-pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
+# pip's own warnings about index locations configured on some machines are noise here; errors still show.
+pip() {
+  .venv/bin/python -m pip install --quiet --disable-pip-version-check "$@" 2> >(grep -v '^WARNING: Location' >&2)
+}
 echo "[install] torch==$TORCH_VERSION"
-"${pip[@]}" "torch==$TORCH_VERSION"
+pip "torch==$TORCH_VERSION"
 echo "[install] hyperjob[train,aws,dev] (editable)"
-"${pip[@]}" -e ".[train,aws,dev]"
+pip -e ".[train,aws,dev]"
 echo "[install] done: $(.venv/bin/hyperjob --version)"

@@ -22,5 +22,6 @@ trap stop_slurm EXIT
 
 export PATH="$PWD/.venv/bin:$PATH"
 .venv/bin/ruff check hyperjob tests bench
+.venv/bin/ruff format --check hyperjob tests bench
 .venv/bin/mypy
 .venv/bin/python -m pytest "$@"
