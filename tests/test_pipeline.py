@@ -34,14 +34,20 @@ def tiny_config(tmp_path: Path) -> Path:
     return path
 
 
+SECRET = "hf_" + "PipelineSentinel0123456789"
+
+
 def run_pipeline(tmp_path: Path, scheduler: str) -> Path:
     proc = subprocess.run(
         [sys.executable, "-m", "hyperjob", "submit", str(tiny_config(tmp_path)), "--scheduler", scheduler,
          "--wait", "--poll", "1"],
-        capture_output=True, text=True, timeout=900, env=dict(os.environ),
+        capture_output=True, text=True, timeout=900, env={**os.environ, "HF_TOKEN": SECRET},
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
     (run_dir,) = (tmp_path / "work" / "runs").iterdir()
+    assert SECRET not in proc.stdout + proc.stderr
+    leaks = [p for p in run_dir.rglob("*") if p.is_file() and SECRET.encode() in p.read_bytes()]
+    assert not leaks, f"the HF token leaked into {leaks}"
     assert f"merged model:       {run_dir / 'merged'}" in proc.stdout
     assert f"evaluation answers: {run_dir / 'eval' / 'answers.json'}" in proc.stdout
     return run_dir
@@ -117,10 +123,12 @@ def test_pipeline_local_executor(tmp_path: Path) -> None:
     run_dir = run_pipeline(tmp_path, "local")
     manifest = check_run(run_dir)
     assert manifest["scheduler"] == "local"
-    logs = subprocess.run(
-        [sys.executable, "-m", "hyperjob", "logs", str(run_dir), "train"], capture_output=True, text=True
-    )
-    assert "world size 2" in logs.stdout
+    for follow in ([], ["--follow"]):  # a finished stage: --follow prints it all and returns
+        logs = subprocess.run(
+            [sys.executable, "-m", "hyperjob", "logs", str(run_dir), "train", *follow],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert "world size 2" in logs.stdout and "stage train finished" in logs.stdout
 
 
 @pytest.mark.slurm
