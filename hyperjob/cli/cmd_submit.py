@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from hyperjob.cli.common import EXIT_RUN_FAILED, CliError, add_config_args, load_and_plan, table
 from hyperjob.cli.report import print_outcome
@@ -39,6 +40,14 @@ def choose_scheduler(requested: str) -> str:
 
 def cmd_submit(args: argparse.Namespace) -> int:
     cfg, plan = load_and_plan(args.config, args.overrides)
+    if not args.dry_run and cfg.backend == "neuron" and {"compile", "train"} & set(cfg.stage_list):
+        # Say so up front rather than after the download: the queue would stop at the compile stage.
+        print(
+            "hyperjob: warning: backend 'neuron': the Trainium training entry (optimum-neuron) is not in this "
+            "version yet, so the compile and train stages will fail; `hyperjob consolidate` handles checkpoints "
+            "you already have",
+            file=sys.stderr,
+        )
     scheduler = "dry-run" if args.dry_run else choose_scheduler(args.scheduler)
     if scheduler == "local" and plan.nodes > 1:
         raise CliError(f"cluster.nodes: {plan.nodes} needs Slurm; the local executor runs one node")
