@@ -69,6 +69,14 @@ class RunPaths:
     def evaluation(self) -> Path:
         return self.run_dir / "eval"
 
+    @staticmethod
+    def log_name(index: int, stage: str, job: str) -> str:
+        """`NN-<stage>-<job>.out`: job is a Slurm job id, `%j` in an sbatch pattern, or `*` in a glob."""
+        return f"{index:02d}-{stage}-{job}.out"
+
+    def log(self, index: int, stage: str, job: str) -> Path:
+        return self.logs / self.log_name(index, stage, job)
+
     def script(self, index: int, stage: str) -> Path:
         return self.scripts / f"{index:02d}-{stage}.sbatch"
 

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from hyperjob.cli.common import add_config_args, load_and_plan, table
+from hyperjob.cli.common import CliError, add_config_args, load_and_plan, table
 from hyperjob.plan.planner import describe, total_steps
 from hyperjob.schedule.run import write_run_dir
 
@@ -62,8 +62,6 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_render(args: argparse.Namespace) -> int:
-    from hyperjob.cli.common import CliError
-
     cfg, plan = load_and_plan(args.config, args.overrides, check_inputs=False)
     out = args.out.resolve()
     if out.exists():

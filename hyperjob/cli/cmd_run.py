@@ -11,6 +11,7 @@ from pathlib import Path
 
 from hyperjob.cli.common import CliError
 from hyperjob.cli.report import status_table
+from hyperjob.paths import RunPaths
 from hyperjob.schedule.manifest import Manifest
 from hyperjob.schedule.run import cancel_run, refresh
 
@@ -67,7 +68,7 @@ def _log_path(manifest: Manifest, stage: str) -> Path | None:
     if rec.log and Path(rec.log).exists():
         return Path(rec.log)
     # A requeued job appends to the same file; otherwise take the newest log of this stage.
-    candidates = sorted(Path(manifest.run_dir, "logs").glob(f"{rec.index:02d}-{rec.name}-*.out"))
+    candidates = sorted(RunPaths(Path(manifest.run_dir)).logs.glob(RunPaths.log_name(rec.index, rec.name, "*")))
     return max(candidates, key=lambda p: p.stat().st_mtime) if candidates else None
 
 

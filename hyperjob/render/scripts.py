@@ -7,7 +7,7 @@ already-decided values (no logic about backends inside Jinja beyond layout).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from hyperjob import __version__
@@ -54,7 +54,6 @@ class StageContext:
     token_source: str
     parallel_compile: str = "neuron_parallel_compile"
     compile_steps: int = COMPILE_STEPS
-    extra: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -151,7 +150,7 @@ def stage_context(cfg: HyperjobConfig, plan: Plan, run_dir: Path, stage: str, in
         run_dir=str(run_dir),
         python=cfg.environment.python,
         job_name=f"{cfg.name}.{stage}",
-        log_pattern=f"{slurm_filename(paths.logs)}/{index:02d}-{stage}-%j.out",
+        log_pattern=f"{slurm_filename(paths.logs)}/{RunPaths.log_name(index, stage, '%j')}",
         nodes=plan.nodes if distributed else 1,
         exclusive=cfg.cluster.exclusive and distributed,
         sbatch_options=_sbatch_options(cfg),

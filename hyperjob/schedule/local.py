@@ -45,7 +45,7 @@ def run_local(run_dir: Path, *, detached: bool = False) -> bool:
             rec = replace(rec, state=StageState.CANCELLED, reason=f"DependencyNeverSatisfied ({failed} failed)")
             manifest = _save(run_dir, manifest.with_stage(rec))
             continue
-        log = paths.logs / f"{rec.index:02d}-{rec.name}-{rec.job_id}.out"
+        log = paths.log(rec.index, rec.name, str(rec.job_id))
         rec = replace(rec, state=StageState.RUNNING, reason="", log=str(log), started=now())
         manifest = _save(run_dir, manifest.with_stage(rec))
         print(f"hyperjob local: {rec.name} running (log: {log})", flush=True)

@@ -7,7 +7,7 @@ local executor records its progress in it. Written atomically.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -48,7 +48,6 @@ class Manifest:
     stages: tuple[StageRecord, ...]
     local_pid: int | None = None
     version: int = MANIFEST_VERSION
-    notes: tuple[str, ...] = field(default_factory=tuple)
 
     def stage(self, name: str) -> StageRecord:
         for rec in self.stages:
@@ -69,7 +68,7 @@ class Manifest:
     def from_json(text: str) -> Manifest:
         data: dict[str, Any] = json.loads(text)
         stages = tuple(StageRecord(**{**s, "state": StageState(s["state"])}) for s in data.pop("stages"))
-        data["notes"] = tuple(data.get("notes", ()))
+        data.pop("notes", None)  # written by early versions, never used
         return Manifest(stages=stages, **data)
 
 

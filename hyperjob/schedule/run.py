@@ -78,7 +78,7 @@ def submit_slurm(run_dir: Path, manifest: Manifest, echo: Callable[[str], None] 
         for rec in manifest.stages:
             job_id = slurm.sbatch(run_dir / rec.script, [previous] if previous else [], cwd=run_dir)
             submitted.append(job_id)
-            log = RunPaths(run_dir).logs / f"{rec.index:02d}-{rec.name}-{job_id}.out"
+            log = RunPaths(run_dir).log(rec.index, rec.name, job_id)
             manifest = manifest.with_stage(replace(rec, job_id=job_id, state=StageState.PENDING, log=str(log)))
             write_manifest(run_dir, manifest)
             echo(f"  {rec.index:02d} {rec.name:<12} job {job_id}" + (f"  (afterok:{previous})" if previous else ""))
