@@ -6,7 +6,8 @@ time of `cp -r BASE`, with peak RSS <= 1 GB (10^9 bytes, as `--max-memory 1GB` c
 
 For each case it builds on local disk, by streaming: a random bf16 Llama base of the real shapes, sharded at 5 GB
 like the HF release (merge_stream.write_base: 8b = Llama-3-8B, 16.06 GB in 4 shards; 1b = Llama-3.2-1B shapes with
-an untied lm_head, 3.0 GB), and an optimum-neuron 0.4.5 TP=8 xser LoRA checkpoint (hyperjob.checkpoint.synth).
+an untied lm_head, 3.0 GB), and an optimum-neuron 0.4.5 TP=8 xser LoRA checkpoint
+(hyperjob.testing.neuron_checkpoints).
 Then, each step after `sync; echo 3 > /proc/sys/vm/drop_caches` (cold page cache; needs root, else it says warm):
 
 - `cp -r` of the base folder, and `cp -r` + `sync` (our merge fsyncs its output, plain cp does not);
@@ -46,7 +47,7 @@ from merge_stream import IMPORTS, PEFT, PRESETS, drop_caches, run_measured, writ
 from safetensors import safe_open
 
 from hyperjob.checkpoint.common import parse_size
-from hyperjob.checkpoint.synth import (
+from hyperjob.testing.neuron_checkpoints import (
     PROJECTIONS,
     default_adapter_config,
     random_lora_state,

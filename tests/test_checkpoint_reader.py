@@ -1,10 +1,12 @@
 """hyperjob.checkpoint reader/unshard/consolidate: rules table-tested bit-exact on hand-sharded tensors, the
-restricted unpickler, error paths, and round trips through the independent fixture generator (synth.py)."""
+restricted unpickler, error paths, and round trips through the independent fixture generator
+(hyperjob.testing.neuron_checkpoints)."""
 
 from __future__ import annotations
 
 import io
 import json
+import os
 import pickle
 import re
 import shutil
@@ -20,16 +22,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from hyperjob.checkpoint import synth
 from hyperjob.checkpoint.consolidate import (
     consolidate_adapter,
     consolidate_any,
     consolidate_full,
-    shard_names,
     unfused_adapter_config,
 )
-from hyperjob.checkpoint.drift import DriftReport, ReplicaDriftError, replica_difference
-from hyperjob.checkpoint.reader import CheckpointError, resolve_checkpoint, validate
+from hyperjob.checkpoint.drift import DriftReport, replica_difference
+from hyperjob.checkpoint.errors import CheckpointError, ReplicaDriftError
+from hyperjob.checkpoint.hf_layout import shard_names
+from hyperjob.checkpoint.reader import resolve_checkpoint, validate
 from hyperjob.checkpoint.unshard import (
     GQALayout,
     Step,
@@ -40,6 +42,7 @@ from hyperjob.checkpoint.unshard import (
     unfuse_shards,
 )
 from hyperjob.checkpoint.xser import PlainRankReader, read_rank_index
+from hyperjob.testing import neuron_checkpoints as synth
 
 PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PEFT = "base_model.model."
@@ -211,7 +214,7 @@ def test_drift_difference_and_report() -> None:
     assert mean is not None and torch.equal(mean, a * 2) and report.exceeding()[0].name == "x"
 
 
-# ---- a hand-built TP=2 LoRA checkpoint (own writer, independent of synth.py) ----
+# ---- a hand-built TP=2 LoRA checkpoint (own writer, independent of neuron_checkpoints) ----
 
 
 class _Ref:
@@ -573,7 +576,7 @@ def test_package_never_imports_neuron_stack(tmp_path: Path) -> None:
     assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
 
 
-# ---- round trips through the independent generator (synth.py) ----
+# ---- round trips through the independent generator (neuron_checkpoints) ----
 
 LORA_CASES: dict[str, dict[str, Any]] = {
     "tp2": dict(config={}, tp=2),
@@ -645,15 +648,40 @@ def test_full_round_trip_through_synth(tmp_path: Path, case: str, xser: bool) ->
     assert json.loads((out / "config.json").read_text())["num_attention_heads"] == config["num_attention_heads"]
 
 
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="names fsynced files through /proc")
+def test_every_output_file_is_fsynced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Weights, index, adapter config and the copied model and tokenizer files alike (they once were not)."""
+    fsynced: set[str] = set()
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        if os.path.isfile(path := os.readlink(f"/proc/self/fd/{fd}")):
+            fsynced.add(f"{Path(path).parent.name.split('.')[1]}/{Path(path).name}")  # .NAME.<id>.partial/file
+        real_fsync(fd)
+
+    config = synth.tiny_llama_config(layers=1)
+    ckpt = synth.write_neuron_checkpoint(
+        tmp_path / "full", config=config, state_dict=synth.random_full_state(config), kind="full", tp=2
+    )
+    (ckpt / "tokenizer.json").write_text("{}")
+    lora = synth.random_lora_state(config, 4, ["q_proj", "v_proj"], seed=1)
+    synth.write_neuron_checkpoint(tmp_path / "lora", config=config, state_dict=lora, kind="lora", tp=2)
+    monkeypatch.setattr(os, "fsync", fsync)
+    consolidate_full(tmp_path / "full", tmp_path / "model", max_shard_size="20KB", progress=False)
+    consolidate_adapter(tmp_path / "lora", tmp_path / "adapter", progress=False)
+    written = {f"{d}/{f.name}" for d in ("model", "adapter") for f in (tmp_path / d).iterdir()}
+    assert {"model/model.safetensors.index.json", "model/tokenizer.json", "adapter/adapter_config.json"} <= written
+    assert fsynced == written
+
+
 def test_shard_names_bound_by_size() -> None:
-    planned: list[tuple[str, tuple[int, ...], torch.dtype]] = [
-        ("a", (10,), torch.float32),
-        ("b", (10,), torch.float32),
-        ("c", (30,), torch.float32),
-    ]
-    assert shard_names(planned, 1000) == ["model.safetensors"] * 3
-    assert shard_names(planned, 80) == ["model-00001-of-00002.safetensors"] * 2 + ["model-00002-of-00002.safetensors"]
-    assert shard_names(planned, 10) == [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
+    sizes = [40, 40, 120]  # bytes: fp32 x 10, x 10, x 30
+    assert shard_names(sizes, 1000) == ["model.safetensors"] * 3
+    assert shard_names(sizes, 80) == ["model-00001-of-00002.safetensors"] * 2 + ["model-00002-of-00002.safetensors"]
+    assert shard_names(sizes, 10) == [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
+    assert shard_names([0, 0, 50, 0], 10) == ["model-00001-of-00002.safetensors"] * 3 + [
+        "model-00002-of-00002.safetensors"
+    ]  # an empty shard takes the next tensor whatever its size
 
 
 def test_unfused_adapter_config() -> None:

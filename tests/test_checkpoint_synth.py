@@ -1,6 +1,6 @@
 """The fixture generator checked against the upstream format facts (FORMAT.md), never against the reader.
 
-Every expectation here is re-derived in the test from the documented rules rather than taken from synth's code.
+Every expectation here is re-derived in the test from the documented rules rather than taken from the writer's code.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from hyperjob.checkpoint import synth  # noqa: E402
+from hyperjob.testing import neuron_checkpoints as synth  # noqa: E402
+from hyperjob.testing.neuron_checkpoints import writer  # noqa: E402
 
 P = "base_model.model."
 BF16 = torch.bfloat16
@@ -207,7 +208,7 @@ def test_lora_values_tp2(lora_tp2: tuple[Path, dict[str, Any], dict[str, Any]]) 
 def test_llama3_8b_shapes_tp8(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Layer 0 of Llama-3-8B. Inputs are expanded constants and the writer's copy step is bypassed, so the files
     hold 1-row storages: the shapes are real while the 2.4 GB of bytes stay off the disk."""
-    monkeypatch.setattr(synth, "_finish", lambda t, p, rank, noise: t)
+    monkeypatch.setattr(writer, "_finish", lambda t, p, rank, noise: t)
     cfg = synth.llama3_8b_config(layers=1)
     row = torch.zeros(1, 14336, dtype=BF16)
 
@@ -530,11 +531,22 @@ def test_rejects_what_neuron_cannot_hold(tmp_path: Path) -> None:
 
 def test_no_neuron_stack_imported(tmp_path: Path) -> None:
     code = (
-        "import sys; from pathlib import Path; from hyperjob.checkpoint import synth as s\n"
+        "import sys; from pathlib import Path; from hyperjob.testing import neuron_checkpoints as s\n"
         "c = s.tiny_llama_config(heads=8, kv_heads=2, layers=1)\n"
         f"s.write_neuron_checkpoint(Path({str(tmp_path)!r}), config=c, kind='lora', tp=8,\n"
         "    state_dict=s.random_lora_state(c, 2, s.PROJECTIONS, embedding=True))\n"
         "bad = [m for m in sys.modules if m.split('.')[0] in ('torch_xla', 'neuronx_distributed', 'optimum')]\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_product_never_imports_the_fixture_writer() -> None:
+    """hyperjob.testing is test and benchmark tooling: the CLI and the checkpoint code must run without it."""
+    code = (
+        "import sys, hyperjob.cli.main, hyperjob.checkpoint.consolidate, hyperjob.checkpoint.stream_merge\n"
+        "import hyperjob.checkpoint.merge\n"
+        "bad = sorted(m for m in sys.modules if m.startswith('hyperjob.testing'))\n"
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

@@ -1,7 +1,8 @@
 """`hyperjob consolidate` and `hyperjob merge` as a user runs them: results, and bad input refused cleanly.
 
 Each bad input must exit non-zero with one message naming the problem (and the file), and leave nothing at
-the output path. Checkpoints are generated at test time in the exact optimum-neuron format (synth.py).
+the output path. Checkpoints are generated at test time in the exact optimum-neuron format
+(hyperjob.testing.neuron_checkpoints).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hyperjob.checkpoint.synth import (
+from hyperjob.testing.neuron_checkpoints import (
     PROJECTIONS,
     default_adapter_config,
     random_lora_state,

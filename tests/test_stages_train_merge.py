@@ -181,7 +181,8 @@ def test_merge_keeps_bf16_and_matches_within_bf16_tolerance(
 def test_merge_rejects_adapter_of_another_model(trained: Trained, tmp_path: Path) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from hyperjob.checkpoint.merge import MergeError, merge_adapter
+    from hyperjob.checkpoint.errors import MergeError
+    from hyperjob.checkpoint.merge import merge_adapter
 
     other = tmp_path / "other-base"
     arch: dict[str, Any] = {
@@ -263,7 +264,7 @@ def test_merge_and_evaluate_need_an_adapter(make_tiny_run_dir: Any, capsys: pyte
 
 
 def test_parse_size() -> None:
-    from hyperjob.checkpoint.merge import parse_size
+    from hyperjob.checkpoint.common import parse_size
 
     assert parse_size("200KB") == 200_000 and parse_size("1.5GiB") == 3 * 2**29 and parse_size("7B") == 7
     with pytest.raises(ValueError, match="must be a number"):

@@ -34,12 +34,9 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig  # noqa: E402
 
 from hyperjob.checkpoint import safetensors_io, stream_merge  # noqa: E402
-from hyperjob.checkpoint.safetensors_io import (  # noqa: E402
-    SafetensorsError,
-    SafetensorsReader,
-    SafetensorsWriter,
-)
-from hyperjob.checkpoint.stream_merge import StreamMergeError, merge_streaming  # noqa: E402
+from hyperjob.checkpoint.errors import MergeError, SafetensorsError  # noqa: E402
+from hyperjob.checkpoint.safetensors_io import SafetensorsReader, SafetensorsWriter  # noqa: E402
+from hyperjob.checkpoint.stream_merge import merge_streaming  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 ALL7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -254,6 +251,29 @@ def test_reshard_with_max_shard_size(complex_adapter: tuple[Path, Path], tmp_pat
     )
 
 
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="names fsynced files through /proc")
+def test_every_output_file_is_fsynced(
+    complex_adapter: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    adapter, shared = complex_adapter
+    base = Path(shutil.copytree(shared, tmp_path / "base"))  # the base fixture is shared: leave it as it is
+    (base / "tokenizer.json").write_text("{}")
+    (adapter / "tokenizer_config.json").write_text("{}")  # not in the base: taken from the adapter
+    fsynced: set[str] = set()
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        if os.path.isfile(path := os.readlink(f"/proc/self/fd/{fd}")):
+            fsynced.add(Path(path).name)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    out = merge_streaming(adapter, base, tmp_path / "out", workers=2, progress=False)
+    written = {f.name for f in out.iterdir()}
+    assert {"model.safetensors.index.json", "config.json", "tokenizer.json", "tokenizer_config.json"} <= written
+    assert fsynced == written
+
+
 def _no_output(out: Path) -> None:
     assert not out.exists()
     assert not list(out.parent.glob(f".{out.name}.*")), "staging dir left behind"
@@ -262,14 +282,14 @@ def _no_output(out: Path) -> None:
 def test_refuses_dora_and_unknown_types(bases: Any, tmp_path: Path) -> None:
     base = bases("float32")
     dora = _make_adapter(base, tmp_path / "dora", "float32", {"r": 4, "target_modules": ["q_proj"], "use_dora": True})
-    with pytest.raises(StreamMergeError, match="DoRA"):
+    with pytest.raises(MergeError, match="DoRA"):
         merge_streaming(dora, base, tmp_path / "out", progress=False)
     cfg = json.loads((dora / "adapter_config.json").read_text())
     (dora / "adapter_config.json").write_text(json.dumps({**cfg, "use_dora": False, "peft_type": "IA3"}))
-    with pytest.raises(StreamMergeError, match="IA3"):
+    with pytest.raises(MergeError, match="IA3"):
         merge_streaming(dora, base, tmp_path / "out", progress=False)
     (dora / "adapter_config.json").write_text(json.dumps({**cfg, "use_dora": False}))
-    with pytest.raises(StreamMergeError, match="lora_magnitude_vector"):  # DoRA weights under a non-DoRA config
+    with pytest.raises(MergeError, match="lora_magnitude_vector"):  # DoRA weights under a non-DoRA config
         merge_streaming(dora, base, tmp_path / "out", progress=False)
     _no_output(tmp_path / "out")
 
@@ -277,7 +297,7 @@ def test_refuses_dora_and_unknown_types(bases: Any, tmp_path: Path) -> None:
 def test_shape_mismatch_refused_before_writing(bases: Any, tmp_path: Path) -> None:
     adapter = _make_adapter(bases("float32"), tmp_path / "adapter", "float32", CASES["fp32"]["lora"])
     other = bases("float32", intermediate=96)
-    with pytest.raises(StreamMergeError) as err:
+    with pytest.raises(MergeError) as err:
         merge_streaming(adapter, other, tmp_path / "out", progress=False)
     msg = str(err.value)
     assert "mlp.gate_proj" in msg and "[128, 64]" in msg and "[96, 64]" in msg
@@ -294,11 +314,11 @@ def test_truncated_shard_names_file_and_keeps_previous_output(
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     victim = base / _safetensors_files(base)[2]
     os.truncate(victim, victim.stat().st_size - 10)
-    with pytest.raises(StreamMergeError, match=f"{victim}.*truncated"):
+    with pytest.raises(MergeError, match=f"{victim}.*truncated"):
         merge_streaming(adapter, base, out, progress=False)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert not list(tmp_path.glob(".out.*"))
-    with pytest.raises(StreamMergeError, match="truncated"):
+    with pytest.raises(MergeError, match="truncated"):
         merge_streaming(adapter, base, tmp_path / "fresh", progress=False)
     _no_output(tmp_path / "fresh")
 
@@ -318,7 +338,7 @@ def test_stale_partial_dirs_removed_live_ones_kept(complex_adapter: tuple[Path, 
     assert not stale.exists() and live.exists()
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "todo.txt").write_text("keep me")
-    with pytest.raises(StreamMergeError, match="not a model directory"):
+    with pytest.raises(MergeError, match="not a model directory"):
         merge_streaming(adapter, base, tmp_path / "notes", progress=False)  # would replace an unrelated dir
 
 

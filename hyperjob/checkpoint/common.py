@@ -1,14 +1,9 @@
-"""Small facts shared by the consolidation and merge code: which files travel with a model, and sizes."""
+"""Byte sizes as config, the CLI and the benchmarks write them ('5GB', '1.5GiB'), for merge and consolidation."""
 
 from __future__ import annotations
 
 import re
 
-# Copied verbatim beside merged or consolidated weights, so the output loads like the original model.
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-    "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt",
-)  # fmt: skip
 _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 

@@ -11,8 +11,6 @@ then each tensor's bytes are appended as it is produced (safetensors_io.Safetens
 
 from __future__ import annotations
 
-import json
-import shutil
 import sys
 import time
 from collections.abc import Iterator
@@ -22,31 +20,27 @@ from typing import Any
 
 import torch
 
-from hyperjob.checkpoint.common import TOKENIZER_FILES, parse_size
+from hyperjob.checkpoint.common import parse_size
 from hyperjob.checkpoint.drift import DEFAULT_DRIFT_THRESHOLD, DriftReport
+from hyperjob.checkpoint.errors import CheckpointError
+from hyperjob.checkpoint.hf_layout import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    INDEX_NAME,
+    SHARD_METADATA,
+    copy_model_files,
+    safetensors_dtypes,
+    shard_names,
+    write_index,
+    write_json,
+)
 from hyperjob.checkpoint.reader import ShardedCheckpoint, resolve_checkpoint, validate
 from hyperjob.checkpoint.safetensors_io import SafetensorsWriter
 from hyperjob.checkpoint.unshard import Step, build_plan, iter_unsharded, planned_outputs
-from hyperjob.checkpoint.xser import CheckpointError
 from hyperjob.fsutil import atomic_dir
 
 __all__ = ["ConsolidateResult", "consolidate_adapter", "consolidate_any", "consolidate_full", "unfused_adapter_config"]
 
-_ST_DTYPES = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-    torch.float8_e4m3fn: "F8_E4M3",
-    torch.float8_e5m2: "F8_E5M2",
-}
-_MODEL_FILES = ("config.json", "generation_config.json", *TOKENIZER_FILES)
 Planned = list[tuple[str, tuple[int, ...], torch.dtype]]
 
 
@@ -79,12 +73,13 @@ class _SafetensorsStream:
     def __init__(self, path: Path, planned: Planned) -> None:
         if sys.byteorder != "little":
             raise RuntimeError("safetensors data is little-endian; this writer does not byte-swap")
-        missing = sorted({str(d) for _, _, d in planned if d not in _ST_DTYPES})
+        st_dtypes = safetensors_dtypes()
+        missing = sorted({str(d) for _, _, d in planned if d not in st_dtypes})
         if missing:
             raise CheckpointError(f"{path.name}: dtypes {missing} have no safetensors equivalent")
-        entries = [(name, _ST_DTYPES[dtype], shape) for name, shape, dtype in planned]
+        entries = [(name, st_dtypes[dtype], shape) for name, shape, dtype in planned]
         self.path, self._pending = path, list(reversed(planned))
-        self._writer = SafetensorsWriter(path, entries, {"format": "pt"})
+        self._writer = SafetensorsWriter(path, entries, SHARD_METADATA)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         want = self._pending.pop() if self._pending else None
@@ -219,29 +214,10 @@ def consolidate_adapter(
     output_dir = Path(output_dir)
     with atomic_dir(output_dir) as tmp:
         tensors = iter_unsharded(ckpt, report, steps, _Progress(progress, "consolidate adapter"))
-        _write_files(tmp, tensors, planned, ["adapter_model.safetensors"] * len(planned))
-        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    files = ["adapter_model.safetensors", "adapter_config.json"]
+        _write_files(tmp, tensors, planned, [ADAPTER_WEIGHTS] * len(planned))
+        write_json(tmp / ADAPTER_CONFIG, config, sort_keys=True)  # as peft writes it
+    files = [ADAPTER_WEIGHTS, ADAPTER_CONFIG]
     return _result(ckpt, output_dir, files, planned, report, ckpt.notes + notes)
-
-
-def shard_names(planned: Planned, max_shard_size: int) -> list[str]:
-    """HF file name of each planned tensor: greedy in write order, a new shard when the next tensor would push
-    the current one past `max_shard_size` (a single larger tensor gets a shard of its own)."""
-    groups: list[int] = []
-    size = 0
-    for _, shape, dtype in planned:
-        n = _nbytes(shape, dtype)
-        if not groups or (size + n > max_shard_size and size > 0):
-            groups.append(0)
-            size = 0
-        groups[-1] += 1
-        size += n
-    if len(groups) == 1:
-        return ["model.safetensors"] * len(planned)
-    return [
-        f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i, count in enumerate(groups) for _ in range(count)
-    ]
 
 
 def consolidate_full(
@@ -256,26 +232,18 @@ def consolidate_full(
     """Write HF safetensors shards (+ index when more than one), config/generation config and tokenizer files."""
 
     ckpt, steps, planned = _prepare(Path(checkpoint), Path(output_dir), "full", "default")
-    names = shard_names(planned, parse_size(max_shard_size))
+    names = shard_names([_nbytes(s, d) for _, s, d in planned], parse_size(max_shard_size))
     report = DriftReport(drift_threshold, allow_drift)
     notes = list(ckpt.notes)
     output_dir = Path(output_dir)
     files = list(dict.fromkeys(names))
     with atomic_dir(output_dir) as tmp:
         _write_files(tmp, iter_unsharded(ckpt, report, steps, _Progress(progress, "consolidate")), planned, names)
-        total = sum(_nbytes(s, d) for _, s, d in planned)
         if len(files) > 1:
-            index = {
-                "metadata": {"total_size": total},
-                "weight_map": {p[0]: n for p, n in zip(planned, names, strict=True)},
-            }
-            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-            files.append("model.safetensors.index.json")
-        for fname in _MODEL_FILES:
-            src = ckpt.model_dir / fname if ckpt.model_dir else None
-            if src is not None and src.is_file():
-                shutil.copy2(src, tmp / fname)
-                files.append(fname)
+            weight_map = sorted((p[0], n) for p, n in zip(planned, names, strict=True))  # save_pretrained's order
+            write_index(tmp, dict(weight_map), sum(_nbytes(s, d) for _, s, d in planned))
+            files.append(INDEX_NAME)
+        files += copy_model_files(tmp, ckpt.model_dir)
         if "config.json" not in files:
             notes.append(f"no config.json beside {ckpt.shards_dir}: copy the base model's config.json into the output")
     return _result(ckpt, output_dir, files, planned, report, notes)

@@ -23,13 +23,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from hyperjob.checkpoint.xser import CheckpointError
+from hyperjob.checkpoint.errors import ReplicaDriftError
 
 DEFAULT_DRIFT_THRESHOLD = 1e-6
-
-
-class ReplicaDriftError(CheckpointError):
-    """Replicated tensors differ across ranks beyond the threshold; the message carries the report."""
 
 
 @dataclass(frozen=True)

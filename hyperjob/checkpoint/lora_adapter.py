@@ -15,10 +15,12 @@ from typing import Any
 
 import torch
 
+from hyperjob.checkpoint.errors import MergeError
+from hyperjob.checkpoint.hf_layout import ADAPTER_CONFIG, ADAPTER_WEIGHTS, torch_dtypes
 from hyperjob.checkpoint.safetensors_io import SafetensorsReader, TensorInfo
 
-ADAPTER_WEIGHTS, PREFIX = "adapter_model.safetensors", "base_model.model."
-TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+PREFIX = "base_model.model."
+FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})  # what the merge computes in (fp32, or fp64 for F64)
 _REFUSED = {  # adapter_config option -> why W + s * B @ A would not reproduce the adapter
     "use_dora": "DoRA (use_dora) rescales each column of W + s*B@A by a learned magnitude",
     "alora_invocation_tokens": "activated LoRA only applies after its invocation tokens, so it cannot be merged",
@@ -35,10 +37,6 @@ _REFUSED = {  # adapter_config option -> why W + s * B @ A would not reproduce t
 _LORA_KEY = re.compile(r"^(?P<mod>.+)\.lora_(?P<part>A|B)(?:\.[^.]+)?\.(?P<param>weight|bias)$")
 _EMB_KEY = re.compile(r"^(?P<mod>.+)\.lora_embedding_(?P<part>A|B)(?:\.[^.]+)?$")
 _WRAPPED_KEY = re.compile(r"^(?P<mod>.+)\.(?:base_layer|modules_to_save(?:\.[^.]+)?)\.(?P<param>[^.]+)$")
-
-
-class StreamMergeError(ValueError):
-    """The adapter and base cannot be merged (missing files, mismatched shapes, unsupported adapter)."""
 
 
 @dataclass(frozen=True)
@@ -72,7 +70,7 @@ def read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as e:
-        raise StreamMergeError(f"{path} is not valid JSON: {e}") from None
+        raise MergeError(f"{path} is not valid JSON: {e}") from None
 
 
 def _pattern(patterns: dict[str, Any] | None, module: str, default: Any) -> Any:
@@ -85,32 +83,32 @@ def _pattern(patterns: dict[str, Any] | None, module: str, default: Any) -> Any:
 
 def load_adapter(adapter_dir: Path) -> tuple[SafetensorsReader, dict[str, list[Delta]], dict[str, TensorInfo]]:
     """Parse and check the adapter: LoRA factors into memory, replacement tensors (modules_to_save) by reference."""
-    cfg_path = adapter_dir / "adapter_config.json"
+    cfg_path = adapter_dir / ADAPTER_CONFIG
     if not cfg_path.is_file():
-        raise StreamMergeError(f"{adapter_dir} is not a PEFT adapter (no adapter_config.json)")
+        raise MergeError(f"{adapter_dir} is not a PEFT adapter (no {ADAPTER_CONFIG})")
     cfg = read_json(cfg_path)
     if str(cfg.get("peft_type", "")).upper() != "LORA":
-        raise StreamMergeError(f"{adapter_dir}: peft_type {cfg.get('peft_type')!r} is not supported (LORA only)")
+        raise MergeError(f"{adapter_dir}: peft_type {cfg.get('peft_type')!r} is not supported (LORA only)")
     for option, why in _REFUSED.items():
         if cfg.get(option):
-            raise StreamMergeError(f"{adapter_dir}: {option} is set; {why}; merge it with peft instead")
+            raise MergeError(f"{adapter_dir}: {option} is set; {why}; merge it with peft instead")
     path = adapter_dir / ADAPTER_WEIGHTS
     if not path.is_file():
-        raise StreamMergeError(f"{adapter_dir} has no {ADAPTER_WEIGHTS} (pickled adapter_model.bin is not supported)")
+        raise MergeError(f"{adapter_dir} has no {ADAPTER_WEIGHTS} (pickled adapter_model.bin is not supported)")
     reader = SafetensorsReader(path)
     factors: dict[str, dict[str, torch.Tensor]] = {}
     replacements: dict[str, TensorInfo] = {}
     for key, info in reader.tensors.items():
         if not key.startswith(PREFIX):
-            raise StreamMergeError(f"{path}: key {key!r} lacks the {PREFIX!r} prefix of a PEFT state dict")
+            raise MergeError(f"{path}: key {key!r} lacks the {PREFIX!r} prefix of a PEFT state dict")
         name = key[len(PREFIX) :]
         if m := _LORA_KEY.match(name) or _EMB_KEY.match(name):
             part = ("emb_" if "lora_embedding_" in name else "") + m["part"]
             part += "_bias" if m.groupdict().get("param") == "bias" else ""
-            if info.dtype not in TORCH_DTYPES or part == "A_bias":
-                raise StreamMergeError(f"{path}: cannot merge LoRA tensor {key} ({info.dtype})")
+            if info.dtype not in FLOAT_DTYPES or part == "A_bias":
+                raise MergeError(f"{path}: cannot merge LoRA tensor {key} ({info.dtype})")
             t = (
-                torch.frombuffer(reader.read_bytes(key), dtype=TORCH_DTYPES[info.dtype])
+                torch.frombuffer(reader.read_bytes(key), dtype=torch_dtypes()[info.dtype])
                 if info.nbytes
                 else torch.empty(0)
             )
@@ -119,7 +117,7 @@ def load_adapter(adapter_dir: Path) -> tuple[SafetensorsReader, dict[str, list[D
             if ".original_module." not in name:
                 replacements[f"{m['mod']}.{m['param']}"] = info
         elif "lora_" in name:
-            raise StreamMergeError(f"{path}: unrecognized LoRA key {key} (a LoRA variant this engine cannot merge?)")
+            raise MergeError(f"{path}: unrecognized LoRA key {key} (a LoRA variant this engine cannot merge?)")
         else:
             replacements[name] = info  # modules_to_save / bias="all" tensors, saved under the base's own name
     deltas: dict[str, list[Delta]] = {}
@@ -130,9 +128,9 @@ def load_adapter(adapter_dir: Path) -> tuple[SafetensorsReader, dict[str, list[D
         emb = "emb_A" in parts or "emb_B" in parts
         a, b = (parts.get("emb_A"), parts.get("emb_B")) if emb else (parts.get("A"), parts.get("B"))
         if a is None or b is None:
-            raise StreamMergeError(f"{path}: module {module} has only one of its two LoRA factors")
+            raise MergeError(f"{path}: module {module} has only one of its two LoRA factors")
         if a.dim() != 2 or b.dim() != 2 or a.shape[0] != r or b.shape[1] != r:
-            raise StreamMergeError(
+            raise MergeError(
                 f"{path}: module {module}: lora A {list(a.shape)} and B {list(b.shape)} are not rank-{r} matrices "
                 "(r from adapter_config r / rank_pattern; convolution LoRA is not supported)"
             )

@@ -11,10 +11,6 @@ from pathlib import Path
 from hyperjob.checkpoint.common import parse_size
 
 
-class MergeError(ValueError):
-    """The adapter and base model cannot be merged (missing files, mismatched shapes, unsupported adapter)."""
-
-
 def merge_adapter(
     adapter_dir: Path,
     base_dir: Path,
@@ -25,18 +21,18 @@ def merge_adapter(
     workers: int = 1,
     progress: bool = True,
 ) -> Path:
-    """Write base + adapter into `output_dir`: the base's shard names unless `max_shard_size` reshards."""
-    from hyperjob.checkpoint.stream_merge import StreamMergeError, merge_streaming
+    """Write base + adapter into `output_dir`: the base's shard names unless `max_shard_size` reshards.
 
-    try:
-        return merge_streaming(
-            Path(adapter_dir),
-            Path(base_dir),
-            Path(output_dir),
-            max_memory=parse_size(max_memory),
-            workers=workers,
-            max_shard_size=None if max_shard_size is None else parse_size(max_shard_size),
-            progress=progress,
-        )
-    except StreamMergeError as e:
-        raise MergeError(str(e)) from None
+    Raises errors.MergeError when they cannot be merged (ValueError for a bad size).
+    """
+    from hyperjob.checkpoint.stream_merge import merge_streaming
+
+    return merge_streaming(
+        Path(adapter_dir),
+        Path(base_dir),
+        Path(output_dir),
+        max_memory=parse_size(max_memory),
+        workers=workers,
+        max_shard_size=None if max_shard_size is None else parse_size(max_shard_size),
+        progress=progress,
+    )

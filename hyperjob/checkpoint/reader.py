@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from hyperjob.checkpoint.errors import CheckpointError
 from hyperjob.checkpoint.xser import (
-    CheckpointError,
     IndexEntry,
     PlainRankReader,
     TensorRef,
@@ -27,7 +27,7 @@ from hyperjob.checkpoint.xser import (
     tensor_file,
 )
 
-__all__ = ["CheckpointError", "ShardedCheckpoint", "StageMetadata", "resolve_checkpoint", "validate"]
+__all__ = ["ShardedCheckpoint", "StageMetadata", "resolve_checkpoint", "validate"]
 
 _RANK_FILE_RE = re.compile(r"^dp_rank_(\d+)_tp_rank_(\d+)_pp_rank_(\d+)\.pt$")
 _METADATA_RE = re.compile(r"^mp_metadata_pp_rank_(\d+)\.json$")

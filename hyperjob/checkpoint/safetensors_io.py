@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hyperjob.checkpoint.errors import SafetensorsError
+
 # Bits per element, as the reference implementation defines them (sub-byte float types included).
 DTYPE_BITS: dict[str, int] = {
     "BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6,
@@ -32,10 +34,6 @@ DTYPE_BITS: dict[str, int] = {
 MAX_HEADER_BYTES = 100_000_000  # the reference rejects larger headers too
 _COPY_STEP = 1 << 30  # bytes per copy_file_range / sendfile call (the kernel caps one call near 2 GiB anyway)
 WRITEBACK_EVERY = 32 << 20  # start writeback this often, so the final fsync has little left to wait for
-
-
-class SafetensorsError(ValueError):
-    """A safetensors file is truncated, corrupt or not what the caller expected; the message names the file."""
 
 
 @dataclass(frozen=True)

@@ -10,33 +10,35 @@ beside the target, which is swapped into place only when complete.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from itertools import groupby
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from hyperjob.checkpoint.common import TOKENIZER_FILES
-from hyperjob.checkpoint.lora_adapter import TORCH_DTYPES, Delta, StreamMergeError, load_adapter, read_json
-from hyperjob.checkpoint.safetensors_io import (
-    SafetensorsError,
-    SafetensorsReader,
-    SafetensorsWriter,
-    TensorInfo,
-    tensor_nbytes,
+from hyperjob.checkpoint.errors import MergeError, SafetensorsError
+from hyperjob.checkpoint.hf_layout import (
+    INDEX_NAME,
+    SHARD_METADATA,
+    SINGLE_NAME,
+    copy_model_files,
+    shard_names,
+    torch_dtypes,
+    write_index,
 )
-from hyperjob.checkpoint.stream_support import ByteProgress, ProgressFn, Readahead, write_durable
+from hyperjob.checkpoint.lora_adapter import FLOAT_DTYPES, Delta, load_adapter, read_json
+from hyperjob.checkpoint.safetensors_io import SafetensorsReader, SafetensorsWriter, TensorInfo, tensor_nbytes
+from hyperjob.checkpoint.stream_support import ByteProgress, ProgressFn, Readahead
 from hyperjob.fsutil import atomic_dir
 
-__all__ = ["StreamMergeError", "merge_streaming"]
+__all__ = ["merge_streaming"]
 
 Plan = list[tuple[str, "dict[str, str] | None", list["_Item"]]]  # (shard file, shard metadata, tensors)
-INDEX_NAME, SINGLE_NAME = "model.safetensors.index.json", "model.safetensors"
 CHUNK_CAP = 4 << 20  # working bytes per chunk: chunks that stay in CPU cache ran 2-4x faster than 64 MiB ones
 COPY_STEP = 256 << 20  # untouched tensors are copied in pieces this big, for progress and parallelism
 READAHEAD, READAHEAD_STEP = 64 << 20, 8 << 20  # page cache kept filled ahead of the workers, in pieces
@@ -61,7 +63,7 @@ class _Item:
     def sizes(self, rows: int) -> tuple[int, int]:
         """(raw, work) bytes for `rows` rows: raw holds src or dst bytes; work is the fp32/fp64 copy (0 if in place)."""
         elems = rows * (self.info.numel // self.info.rows)
-        src, dst = TORCH_DTYPES[self.info.dtype], TORCH_DTYPES[self.dtype]
+        src, dst = torch_dtypes()[self.info.dtype], torch_dtypes()[self.dtype]
         cdt = torch.float64 if torch.float64 in (src, dst) else torch.float32
         return elems * max(src.itemsize, dst.itemsize), 0 if src == dst == cdt else elems * cdt.itemsize
 
@@ -104,17 +106,17 @@ def _open_base(base_dir: Path) -> tuple[list[tuple[str, SafetensorsReader]], dic
     elif (base_dir / SINGLE_NAME).is_file():
         index, weight_map, files = None, {}, [SINGLE_NAME]
     else:
-        raise StreamMergeError(f"{base_dir} has no {INDEX_NAME} or {SINGLE_NAME} (only safetensors bases are merged)")
+        raise MergeError(f"{base_dir} has no {INDEX_NAME} or {SINGLE_NAME} (only safetensors bases are merged)")
     shards: list[tuple[str, SafetensorsReader]] = []
     try:
         for file in files:
             if not (base_dir / file).is_file():
-                raise StreamMergeError(f"{base_dir}: shard {file} listed in {INDEX_NAME} is missing")
+                raise MergeError(f"{base_dir}: shard {file} listed in {INDEX_NAME} is missing")
             shards.append((file, SafetensorsReader(base_dir / file)))
         by_file = dict(shards)
         for name, file in weight_map.items():
             if name not in by_file[file].tensors:
-                raise StreamMergeError(f"{base_dir}: {INDEX_NAME} puts {name} in {file}, whose header lacks it")
+                raise MergeError(f"{base_dir}: {INDEX_NAME} puts {name} in {file}, whose header lacks it")
     except BaseException:
         for _, r in shards:
             r.close()
@@ -138,40 +140,33 @@ def _plan(
             seen.add(name)
             src, src_info = (adapter, replacements[name]) if name in replacements else (reader, info)
             if src_info.shape != info.shape:
-                raise StreamMergeError(
+                raise MergeError(
                     f"{where}: {name} has shape {list(src_info.shape)} in the adapter, {list(info.shape)} in the base"
                 )
             ds = tuple(deltas.get(name, ()))
             for d in ds:
                 if d.shape() != info.shape:
-                    raise StreamMergeError(
+                    raise MergeError(
                         f"{where}: module {name.rsplit('.', 1)[0]}: LoRA update has shape {list(d.shape())} "
                         f"(lora A {list(d.a.shape)}, B {list(d.b.shape)}), base tensor {name} has {list(info.shape)}"
                     )
-            if (ds or src_info.dtype != info.dtype) and not {src_info.dtype, info.dtype} <= TORCH_DTYPES.keys():
-                raise StreamMergeError(f"{where}: cannot update {name}: dtype {info.dtype} is not a float type")
+            if (ds or src_info.dtype != info.dtype) and not {src_info.dtype, info.dtype} <= FLOAT_DTYPES:
+                raise MergeError(f"{where}: cannot update {name}: dtype {info.dtype} is not a float type")
             items.append(_Item(name, src, src_info, info.dtype, ds))
         plan.append((file, reader.metadata, items))
     missing = sorted((set(deltas) | set(replacements)) - seen)
     if missing:
-        raise StreamMergeError(f"{where}: no base tensor for adapter tensor(s) {', '.join(missing[:8])}")
+        raise MergeError(f"{where}: no base tensor for adapter tensor(s) {', '.join(missing[:8])}")
     return plan
 
 
 def _reshard(plan: Plan, limit: int) -> Plan:
-    """Regroup tensors greedily in base order into shards of at most `limit` bytes, named like save_pretrained."""
-    groups: list[list[_Item]] = [[]]
-    size = 0
-    for item in (it for _, _, items in plan for it in items):
-        nbytes = tensor_nbytes(item.dtype, item.info.shape)
-        if groups[-1] and size + nbytes > limit:
-            groups.append([])
-            size = 0
-        groups[-1].append(item)
-        size += nbytes
-    n = len(groups)
-    names = [SINGLE_NAME] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-    return [(name, {"format": "pt"}, g) for name, g in zip(names, groups, strict=True)]
+    """Regroup tensors in base order into shards of at most `limit` bytes, named like save_pretrained."""
+    items = [it for _, _, its in plan for it in its]
+    names = shard_names([tensor_nbytes(it.dtype, it.info.shape) for it in items], limit)
+    pairs = groupby(zip(names, items, strict=True), key=lambda p: p[0])
+    shards: Plan = [(name, SHARD_METADATA, [it for _, it in group]) for name, group in pairs]
+    return shards or [(SINGLE_NAME, SHARD_METADATA, [])]  # a base without tensors still gets its one file
 
 
 def _ranges(item: _Item, chunk_bytes: int) -> list[tuple[int, int]]:
@@ -201,7 +196,7 @@ class _Worker:
             writer.copy_at(item.name, task.start, item.src.fileno(), info.start + task.start, nbytes, self.view)
             return nbytes
         rows, cols = task.stop - task.start, info.numel // info.rows
-        src_dt, dst_dt = TORCH_DTYPES[info.dtype], TORCH_DTYPES[item.dtype]
+        src_dt, dst_dt = torch_dtypes()[info.dtype], torch_dtypes()[item.dtype]
         cdt = torch.float64 if torch.float64 in (src_dt, dst_dt) else torch.float32
         raw = item.src.read_rows(info.name, task.start, task.stop, self.view)
         w = src = self.raw_t[: len(raw)].view(src_dt).view(rows, cols)
@@ -271,14 +266,14 @@ def _run(tasks: list[_Task], workers: int, progress: ByteProgress) -> None:
 
 def _check_paths(adapter_dir: Path, base_dir: Path, output_dir: Path) -> None:
     if not (base_dir / "config.json").is_file():
-        raise StreamMergeError(f"{base_dir} is not a model directory (no config.json)")
+        raise MergeError(f"{base_dir} is not a model directory (no config.json)")
     for src in (adapter_dir.resolve(), base_dir.resolve()):
         if output_dir.resolve() == src or output_dir.resolve() in src.parents:
-            raise StreamMergeError(f"output {output_dir} would replace its own input {src}")
+            raise MergeError(f"output {output_dir} would replace its own input {src}")
     if os.path.lexists(output_dir) and not (
         output_dir.is_dir() and (not any(output_dir.iterdir()) or (output_dir / "config.json").is_file())
     ):
-        raise StreamMergeError(f"output {output_dir} exists and is not a model directory; refusing to replace it")
+        raise MergeError(f"output {output_dir} exists and is not a model directory; refusing to replace it")
 
 
 def merge_streaming(
@@ -301,7 +296,7 @@ def merge_streaming(
         paths = Path(adapter_dir), Path(base_dir), Path(output_dir).absolute()
         return _merge(*paths, max_memory, workers, max_shard_size, progress)
     except SafetensorsError as e:  # truncated or corrupt input: one error type for callers, naming the file
-        raise StreamMergeError(str(e)) from None
+        raise MergeError(str(e)) from None
 
 
 def _merge(
@@ -329,7 +324,7 @@ def _merge(
         converted = max((sum(8 * (d.a.numel() + d.b.numel()) for d in ds) for ds in deltas.values()), default=0)
         avail = max_memory - resident - RESERVE - workers * converted
         if avail < workers * MIN_CHUNK:
-            raise StreamMergeError(
+            raise MergeError(
                 f"max_memory={max_memory} is too small: the LoRA factors take {resident} bytes (plus {converted} "
                 f"per worker while converted), {RESERVE} are reserved, and {workers} worker(s) need {MIN_CHUNK} each"
             )
@@ -339,7 +334,7 @@ def _merge(
             r.advise(0, 0, willneed=False)  # sequential: larger kernel readahead
         with atomic_dir(output_dir) as tmp:
             if (free := shutil.disk_usage(tmp).free) < total:
-                raise StreamMergeError(f"{output_dir.parent} has {free} bytes free; the merged model needs {total}")
+                raise MergeError(f"{output_dir.parent} has {free} bytes free; the merged model needs {total}")
             outs, tasks = [], []
             for file, meta, items in plan:
                 writer = SafetensorsWriter(tmp / file, [(it.name, it.dtype, it.info.shape) for it in items], meta)
@@ -363,16 +358,9 @@ def _merge(
             if len(plan) > 1 or (index is not None and max_shard_size is None):
                 weight_map = {it.name: file for file, _, items in plan for it in items}
                 if index is not None and max_shard_size is None:
-                    weight_map = index["weight_map"]
-                meta = dict((index or {}).get("metadata") or {}) | {"total_size": total}
-                body = json.dumps({"metadata": meta, "weight_map": weight_map}, indent=2) + "\n"
-                write_durable(tmp / INDEX_NAME, body.encode())
-            for name in ("config.json", "generation_config.json", *TOKENIZER_FILES):
-                src = base_dir / name
-                if not src.is_file() and name in TOKENIZER_FILES:
-                    src = adapter_dir / name
-                if src.is_file():
-                    write_durable(tmp / name, src.read_bytes())
+                    weight_map = index["weight_map"]  # the base's own, in its order
+                write_index(tmp, weight_map, total, (index or {}).get("metadata"))
+            copy_model_files(tmp, base_dir, tokenizer_dir=adapter_dir)
     finally:
         for r in readers:
             r.close()

@@ -1,19 +1,18 @@
-"""Plumbing of the streaming merge: atomically swapped staging dir, durable small files, progress, readahead.
+"""Plumbing of the streaming merge: byte progress and disk readahead.
 
-Crash story: everything is written into `.NAME.<id>.partial` beside the target and fsynced; the finished dir is
-swapped in with one renameat2(RENAME_EXCHANGE), so `NAME` is at every instant either the previous complete
-output or the new one. A run killed with -9 leaves only its `.partial` dir, whose flock the kernel drops; the
-next run deletes such stale dirs and leaves alone those still locked by a live run.
+Crash story (fsutil.atomic_dir): everything is written into `.NAME.<id>.partial` beside the target and fsynced
+(SafetensorsWriter.close, hf_layout's durable writes); the finished dir is swapped in with one
+renameat2(RENAME_EXCHANGE), so `NAME` is at every instant either the previous complete output or the new one. A run
+killed with -9 leaves only its `.partial` dir, whose flock the kernel drops; the next run deletes such stale dirs
+and leaves alone those still locked by a live run.
 """
 
 from __future__ import annotations
 
-import os
 import sys
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from hyperjob.checkpoint.safetensors_io import SafetensorsReader
@@ -73,13 +72,6 @@ class ByteProgress:
             self.bar.stop()
         elif self.mode is True:
             self._line(time.monotonic())
-
-
-def write_durable(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 class Readahead(threading.Thread):

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 from hyperjob.checkpoint.drift import DriftReport
-from hyperjob.checkpoint.xser import CheckpointError
+from hyperjob.checkpoint.errors import CheckpointError
 
 if TYPE_CHECKING:
     from hyperjob.checkpoint.reader import ShardedCheckpoint, StageMetadata

@@ -24,14 +24,11 @@ from typing import Any
 
 import torch
 
-from hyperjob.checkpoint.safetensors_io import SafetensorsError, pread_into
+from hyperjob.checkpoint.errors import CheckpointError, SafetensorsError
+from hyperjob.checkpoint.safetensors_io import pread_into
 
 XSER_REFERENCE_GLOBAL = "torch_xla.utils.serialization.TensorReference"
 _GLOBAL_RE = re.compile(r"GLOBAL ([\w.]+)")
-
-
-class CheckpointError(ValueError):
-    """The checkpoint is incomplete, corrupt, or not in a layout hyperjob can un-shard; the message names the file."""
 
 
 class _XlaTensorReference:

@@ -53,7 +53,7 @@ def _add_merge_options(p: argparse.ArgumentParser) -> None:
 
 
 def _sizes(args: argparse.Namespace) -> tuple[int, int | None]:
-    from hyperjob.checkpoint.merge import parse_size
+    from hyperjob.checkpoint.common import parse_size
 
     try:
         memory = parse_size(args.max_memory)
@@ -66,7 +66,8 @@ def _sizes(args: argparse.Namespace) -> tuple[int, int | None]:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from hyperjob.checkpoint.merge import MergeError, merge_adapter
+    from hyperjob.checkpoint.errors import MergeError
+    from hyperjob.checkpoint.merge import merge_adapter
 
     memory, shard = _sizes(args)
     try:
@@ -81,8 +82,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 def cmd_consolidate(args: argparse.Namespace) -> int:
     from hyperjob.checkpoint.consolidate import consolidate_any
-    from hyperjob.checkpoint.merge import MergeError, merge_adapter
-    from hyperjob.checkpoint.xser import CheckpointError
+    from hyperjob.checkpoint.errors import CheckpointError, MergeError
+    from hyperjob.checkpoint.merge import merge_adapter
 
     if (args.base_model is None) != (args.merged_output is None):
         raise CliError("--base-model and --merged-output go together")

@@ -12,7 +12,7 @@ from hyperjob.stages.common import StageError, run_stage, setup_logging
 
 def _consolidate(paths: RunPaths, cfg: HyperjobConfig) -> int:
     from hyperjob.checkpoint.consolidate import consolidate_adapter
-    from hyperjob.checkpoint.xser import CheckpointError
+    from hyperjob.checkpoint.errors import CheckpointError
 
     log = setup_logging("consolidate")
     if not paths.checkpoints.is_dir():

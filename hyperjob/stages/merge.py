@@ -8,7 +8,8 @@ from hyperjob.stages.common import StageError, require_model_dir, run_stage, set
 
 
 def _merge(paths: RunPaths, cfg: HyperjobConfig) -> int:
-    from hyperjob.checkpoint.merge import MergeError, merge_adapter
+    from hyperjob.checkpoint.errors import MergeError
+    from hyperjob.checkpoint.merge import merge_adapter
 
     log = setup_logging("merge")
     base = base_model_dir(cfg)

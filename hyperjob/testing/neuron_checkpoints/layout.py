@@ -1,6 +1,7 @@
 """Neuron-side layout rules of optimum-neuron's Llama (dims, TP partitioning, GQA), for the fixture writer.
 
-Kept apart from the reader on purpose: this is the second, independent reading of the upstream rules (FORMAT.md).
+Kept apart from the reader on purpose: this is the second, independent reading of the upstream rules
+(hyperjob/checkpoint/FORMAT.md).
 Names follow optimum-neuron 0.4.5 (models/training/llama/modeling_llama.py) and neuronx-distributed 0.15.
 """
 

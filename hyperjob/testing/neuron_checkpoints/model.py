@@ -1,6 +1,7 @@
-"""The parameter list of optimum-neuron's Llama (plain or PEFT-wrapped), walked for the fixture writer (synth.py).
+"""The parameter list of optimum-neuron's Llama (plain or PEFT-wrapped), walked for the fixture writer (writer.py).
 
-Kept apart from the reader on purpose: this is the second, independent reading of the upstream rules (FORMAT.md).
+Kept apart from the reader on purpose: this is the second, independent reading of the upstream rules
+(hyperjob/checkpoint/FORMAT.md).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from typing import Any
 
 import torch
 
-from hyperjob.checkpoint.synth_layout import NOTP, PEFT, QKV, Layout, Local, Tensor, const, mean_a
+from hyperjob.testing.neuron_checkpoints.layout import NOTP, PEFT, QKV, Layout, Local, Tensor, const, mean_a
 
 
 @dataclass

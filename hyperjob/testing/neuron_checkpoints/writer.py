@@ -1,8 +1,9 @@
 """Independent writer of optimum-neuron 0.4.5 tensor-parallel Llama checkpoints, for tests and benchmarks.
 
-It exists so the reader is tested against a second implementation derived from the upstream rules (see FORMAT.md),
-not against itself. It never imports torch_xla, neuronx_distributed or optimum: the xser reference class is written
-by a custom pickler. Tensors are computed one at a time and each TP rank file is written before the next is built.
+It exists so the reader is tested against a second implementation derived from the upstream rules (see
+hyperjob/checkpoint/FORMAT.md), not against itself. It never imports torch_xla, neuronx_distributed or optimum: the
+xser reference class is written by a custom pickler. Tensors are computed one at a time and each TP rank file is
+written before the next is built.
 """
 
 from __future__ import annotations
@@ -17,21 +18,8 @@ from typing import Any, Literal
 
 import torch
 
-from hyperjob.checkpoint.synth_layout import BLOCK, PEFT, PROJECTIONS, QKV, Dims, Layout, Tensor
-from hyperjob.checkpoint.synth_model import Param, Walk
-
-__all__ = [
-    "PROJECTIONS",
-    "default_adapter_config",
-    "expected_consolidation",
-    "llama3_8b_config",
-    "random_full_state",
-    "random_lora_state",
-    "tiny_llama_config",
-    "write_legacy_layout",
-    "write_neuron_checkpoint",
-]
-
+from hyperjob.testing.neuron_checkpoints.layout import BLOCK, PEFT, PROJECTIONS, QKV, Dims, Layout, Tensor
+from hyperjob.testing.neuron_checkpoints.model import Param, Walk
 
 # ---------------------------------------------------------------- configs and random states
 

@@ -1,0 +1,1 @@
+"""Test and benchmark tooling (fixture writers); the product never imports it."""
