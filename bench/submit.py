@@ -20,7 +20,8 @@ from pathlib import Path
 from hyperjob.config.load import load_config
 from hyperjob.plan.planner import make_plan
 from hyperjob.schedule import slurm
-from hyperjob.schedule.run import new_run_dir, submit_slurm, write_run_dir
+from hyperjob.schedule.registry import get
+from hyperjob.schedule.run import new_run_dir, submit_run, write_run_dir
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "examples" / "trainium-llama3-8b.yaml"
@@ -38,7 +39,7 @@ def one_submission(workdir: Path) -> tuple[float, float, list[str]]:
     manifest = write_run_dir(cfg, plan, run_dir, "slurm")
     assert manifest is not None
     t1 = time.perf_counter()
-    manifest = submit_slurm(run_dir, manifest, echo=lambda _line: None)
+    manifest, _ = submit_run(get("slurm"), run_dir, manifest, echo=lambda _line: None)
     t2 = time.perf_counter()
     return t1 - t0, t2 - t1, [s.job_id for s in manifest.stages if s.job_id]
 

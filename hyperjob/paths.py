@@ -74,6 +74,14 @@ class RunPaths:
         """`NN-<stage>-<job>.out`: job is a Slurm job id, `%j` in an sbatch pattern, or `*` in a glob."""
         return f"{index:02d}-{stage}-{job}.out"
 
+    @property
+    def outcomes(self) -> Path:
+        """Each stage script's own record of how it ended (see hyperjob.schedule.outcome)."""
+        return self.run_dir / "outcomes"
+
+    def outcome(self, index: int, stage: str) -> Path:
+        return self.outcomes / f"{index:02d}-{stage}.outcome"
+
     def log(self, index: int, stage: str, job: str) -> Path:
         return self.logs / self.log_name(index, stage, job)
 

@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from hyperjob.config.load import ConfigError, apply_overrides, load_config, redact
+from hyperjob.plan.planner import make_plan
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "examples" / "tiny-cpu.yaml"
@@ -34,7 +35,7 @@ def write_config(tmp_path: Path, **changes: object) -> Path:
 @pytest.mark.parametrize(
     ("changes", "key", "fragment"),
     [
-        ({"backend": "tpu"}, "backend", "'neuron', 'cuda' or 'cpu'"),
+        ({"backend": "tpu"}, "backend", "'tpu' is not a backend (allowed: cpu, cuda, neuron)"),
         ({"training__seq_len": 0}, "training.seq_len", "greater than 0"),
         ({"training__lr": 5}, "training.lr", "less than 1"),
         ({"training__micro_btach": 2}, "training.micro_btach", "unknown key; allowed keys here:"),
@@ -44,7 +45,8 @@ def write_config(tmp_path: Path, **changes: object) -> Path:
         ({"cluster__time": "forever"}, "cluster.time", "should match pattern"),
         ({"cluster__sbatch_extra": ["exclusive"]}, "cluster.sbatch_extra", "must start with '--'"),
         ({"stages": ["train", "download"]}, "stages", "out of order"),
-        ({"stages": ["download", "compile", "train"]}, "", "stage 'compile' exists only for backend 'neuron'"),
+        ({"stages": ["download", "compile", "train"]}, "stages", "stage 'compile' exists only for backend 'neuron'"),
+        ({"stages": ["download", "finetune"]}, "stages", "unknown stage 'finetune' (allowed: download, compile,"),
         ({"dataset__path": "nope.jsonl"}, "dataset.path", "does not exist"),
         ({"model": None}, "model", "required key is missing"),
         ({"environment__env": {"1BAD": "x"}}, "environment.env", "must match"),
@@ -52,9 +54,13 @@ def write_config(tmp_path: Path, **changes: object) -> Path:
     ],
 )
 def test_bad_value_names_key(tmp_path: Path, changes: dict[str, object], key: str, fragment: str) -> None:
+    """Checked when loading, or by the planner against the backend registry and the stage table (as every verb does)."""
     path = write_config(tmp_path, **changes)
     with pytest.raises(ConfigError) as exc:
-        load_config(path)
+        try:
+            make_plan(load_config(path))
+        except ConfigError as e:  # the planner's errors get the file named by their caller (the CLI)
+            raise ConfigError(e.problems, e.source if e.source != "config" else str(path)) from None
     keys = [k for k, _ in exc.value.problems]
     assert key in keys, exc.value.problems
     assert fragment in str(exc.value)

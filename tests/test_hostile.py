@@ -117,7 +117,7 @@ def test_hostile_string(tmp_path_factory: pytest.TempPathFactory, key: str, valu
     if key == "environment.python":
         return  # the interpreter itself was the hostile path: nothing ran, nothing was injected
     rows = [json.loads(line) for line in record.read_text().splitlines()]
-    assert len(rows) == len(cfg.stage_list)
+    assert len(rows) == len(make_plan(cfg).stages)
     for row in rows:
         assert row["argv"][-2:] == ["--run-dir", str(run_dir)]
         stored = read_key(row["cfg"], key if key != "environment.env" else "environment.env.HJ_USER_VALUE")

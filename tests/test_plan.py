@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from hyperjob.backends.catalogue import lookup
 from hyperjob.config.load import ConfigError, load_config
-from hyperjob.plan.catalogue import lookup
 from hyperjob.plan.planner import make_plan, total_steps
 
 REPO = Path(__file__).resolve().parent.parent

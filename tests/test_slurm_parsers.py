@@ -233,7 +233,7 @@ def test_normalize_slurm_state(raw: str, expected: str) -> None:
 def test_state_table_keys_are_normalized_and_cover_every_slurm_outcome() -> None:
     assert all(normalize_slurm_state(name) == name for name in SLURM_STATES)
     produced = set(SLURM_STATES.values())
-    assert produced == set(StageState) - {S.RENDERED, S.UNKNOWN}
+    assert produced == set(StageState) - {S.RENDERED, S.UNKNOWN, S.LOST}  # LOST is hyperjob's, never Slurm's
 
 
 @pytest.mark.parametrize(
@@ -252,6 +252,7 @@ def test_state_table_keys_are_normalized_and_cover_every_slurm_outcome() -> None
         (S.OUT_OF_MEMORY, True, False),
         (S.NODE_FAIL, True, False),
         (S.PREEMPTED, True, False),
+        (S.LOST, True, False),
     ],
 )
 def test_state_properties(state: StageState, terminal: bool, success: bool) -> None:

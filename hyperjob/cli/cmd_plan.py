@@ -49,7 +49,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
             "dataset_rows": plan.dataset_rows,
             "steps_per_epoch": plan.steps_per_epoch,
             "total_steps": total_steps(plan, cfg),
-            "stages": list(cfg.stage_list),
+            "stages": list(plan.stages),
             "notes": list(plan.notes),
         }
         print(json.dumps(data, indent=2))

@@ -9,9 +9,11 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from hyperjob import stage_table
 from hyperjob.cli.common import CliError
 from hyperjob.cli.report import status_table
 from hyperjob.paths import RunPaths
+from hyperjob.schedule import registry
 from hyperjob.schedule.manifest import Manifest
 from hyperjob.schedule.run import cancel_run, refresh
 
@@ -24,7 +26,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
     lg = sub.add_parser("logs", help="print (or follow) a stage's log", description="Print the log of STAGE of a run.")
     lg.add_argument("run_dir", type=Path, metavar="RUN_DIR")
-    lg.add_argument("stage", metavar="STAGE", help="download, compile, train, consolidate, merge or evaluate")
+    lg.add_argument("stage", metavar="STAGE", help=", ".join(stage_table.names()))
     lg.add_argument("--follow", "-f", action="store_true", help="keep printing until the stage ends")
     lg.set_defaults(func=cmd_logs)
 
@@ -35,8 +37,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 def status_doc() -> str:
     return (
-        "Show each stage's job id, state and log. States come from squeue, then `scontrol show job` "
-        "(no slurmdbd needed), then the run's manifest.json for jobs Slurm has forgotten."
+        "Show each stage's job id, state and log. A pending or running stage's state comes from the scheduler "
+        "(squeue, then `scontrol show job`: no slurmdbd needed); a finished stage's from the record its script "
+        "wrote (outcomes/), which outlives Slurm's memory of the job. A job the scheduler forgot that left no "
+        "record is LOST, with the reason."
     )
 
 
@@ -65,8 +69,9 @@ def _log_path(manifest: Manifest, stage: str) -> Path | None:
         rec = manifest.stage(stage)
     except KeyError as e:
         raise CliError(str(e.args[0])) from None
-    if rec.log and Path(rec.log).exists():
-        return Path(rec.log)
+    located = registry.get(manifest.scheduler).log(Path(manifest.run_dir), rec) or rec.log
+    if located and Path(located).exists():
+        return Path(located)
     # A requeued job appends to the same file; otherwise take the newest log of this stage.
     candidates = sorted(RunPaths(Path(manifest.run_dir)).logs.glob(RunPaths.log_name(rec.index, rec.name, "*")))
     return max(candidates, key=lambda p: p.stat().st_mtime) if candidates else None

@@ -5,13 +5,17 @@ from __future__ import annotations
 import argparse
 import sys
 
-from hyperjob.cli.common import EXIT_RUN_FAILED, CliError, add_config_args, load_and_plan, table
+from hyperjob import backends
+from hyperjob.cli.common import EXIT_RUN_FAILED, CliError, add_config_args, load_and_plan
 from hyperjob.cli.report import print_outcome
-from hyperjob.schedule import slurm
-from hyperjob.schedule.run import SubmitError, new_run_dir, submit_local, submit_slurm, wait_run, write_run_dir
+from hyperjob.schedule import registry
+from hyperjob.schedule.base import SubmitError
+from hyperjob.schedule.run import new_run_dir, submit_run, wait_run, write_run_dir
+from hyperjob.schedule.scheduler_dry_run import RECORD_NAME, DryRunScheduler
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
+    choices = [registry.AUTO, *(s.name for s in registry.selectable())]
     p = sub.add_parser(
         "submit",
         help="render the stage scripts and submit the DAG (Slurm or local)",
@@ -23,54 +27,48 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_config_args(p)
-    p.add_argument("--scheduler", choices=["auto", "slurm", "local"], default="auto")
-    p.add_argument("--dry-run", action="store_true", help="render into the run directory only; call no scheduler")
+    p.add_argument("--scheduler", choices=choices, default=registry.AUTO)
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="render the run directory and print the exact commands the scheduler would run (auto: sbatch); "
+        "run nothing",
+    )
     p.add_argument("--wait", action="store_true", help="block until the run ends; exit 1 if a stage failed")
     p.add_argument("--poll", type=float, default=5.0, metavar="SECONDS", help="status poll interval with --wait")
     p.set_defaults(func=cmd_submit)
 
 
-def choose_scheduler(requested: str) -> str:
-    if requested == "auto":
-        return "slurm" if slurm.available() else "local"
-    if requested == "slurm" and not slurm.available():
-        raise CliError("--scheduler slurm: sbatch is not on PATH (use --scheduler local, or load Slurm)")
-    return requested
-
-
 def cmd_submit(args: argparse.Namespace) -> int:
     cfg, plan = load_and_plan(args.config, args.overrides)
-    if not args.dry_run and cfg.backend == "neuron" and {"compile", "train"} & set(cfg.stage_list):
-        # Say so up front rather than after the download: the queue would stop at the compile stage.
-        print(
-            "hyperjob: warning: backend 'neuron': the Trainium training entry (optimum-neuron) is not in this "
-            "version yet, so the compile and train stages will fail; `hyperjob consolidate` handles checkpoints "
-            "you already have",
-            file=sys.stderr,
+    if not args.dry_run:
+        for warning in backends.get(cfg.backend).warnings(cfg, plan.stages):
+            print(f"hyperjob: warning: {warning}", file=sys.stderr)
+    try:
+        target = registry.choose(args.scheduler, dry_run=args.dry_run)
+    except registry.SchedulerChoiceError as e:
+        raise CliError(str(e)) from None
+    if target.max_nodes is not None and plan.nodes > target.max_nodes:
+        raise CliError(
+            f"cluster.nodes: {plan.nodes} nodes, but the {target.name} scheduler runs at most {target.max_nodes}; "
+            f"choose another with --scheduler"
         )
-    scheduler = "dry-run" if args.dry_run else choose_scheduler(args.scheduler)
-    if scheduler == "local" and plan.nodes > 1:
-        raise CliError(f"cluster.nodes: {plan.nodes} needs Slurm; the local executor runs one node")
+    scheduler = DryRunScheduler(target) if args.dry_run else target
     run_dir = new_run_dir(cfg)
-    manifest = write_run_dir(cfg, plan, run_dir, scheduler)
+    manifest = write_run_dir(cfg, plan, run_dir, scheduler.name)
     assert manifest is not None
     print(f"run {cfg.name}: {run_dir}")
-    if scheduler == "dry-run":
-        print(table([(f"{r.index:02d}", r.name, r.script) for r in manifest.stages], ("#", "stage", "script")))
-        print("dry run: nothing submitted")
+    if args.dry_run:
+        _, request = submit_run(scheduler, run_dir, manifest)
+        print(f"dry run: nothing submitted; the {target.name} scheduler would run ({run_dir / RECORD_NAME}):")
+        for line in request.lines:
+            print(f"  {line}")
         return 0
-    if scheduler == "slurm":
-        print(f"submitting {len(manifest.stages)} stages to Slurm:")
-        try:
-            manifest = submit_slurm(run_dir, manifest)
-        except SubmitError as e:
-            raise CliError(str(e), EXIT_RUN_FAILED) from None
-    else:
-        print(
-            f"running {len(manifest.stages)} stages with the local executor"
-            + ("" if args.wait else " in the background")
-        )
-        manifest = submit_local(run_dir, manifest, wait=args.wait)
+    print(f"submitting {len(manifest.stages)} stages to {target.name}" + ("" if args.wait else " in the background"))
+    try:
+        manifest, _ = submit_run(scheduler, run_dir, manifest, wait=args.wait)
+    except SubmitError as e:
+        raise CliError(str(e), EXIT_RUN_FAILED) from None
     if not args.wait:
         print(f"follow it with: hyperjob status {run_dir}")
         return 0

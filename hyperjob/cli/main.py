@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from hyperjob import __version__
 from hyperjob.cli import cmd_checkpoint, cmd_init, cmd_plan, cmd_run, cmd_submit
 from hyperjob.cli.common import CliError, err
-from hyperjob.schedule.slurm import SlurmError
+from hyperjob.schedule.base import SchedulerError
 
 DESCRIPTION = """\
 LoRA fine-tuning of Llama-class models on Slurm (Trainium or NVIDIA GPUs), from one config file.
@@ -48,7 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CliError as e:
         err(str(e))
         return e.code
-    except SlurmError as e:
+    except SchedulerError as e:
         err(str(e))
         return 1
     except KeyboardInterrupt:

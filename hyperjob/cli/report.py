@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from hyperjob import stage_table
 from hyperjob.cli.common import table
 from hyperjob.paths import RunPaths
 from hyperjob.schedule.manifest import Manifest
@@ -17,8 +17,9 @@ def status_table(manifest: Manifest) -> str:
     rows = []
     for r in manifest.stages:
         reason = r.reason if r.reason and r.reason != "None" else ""
-        rows.append((f"{r.index:02d}", r.name, r.job_id or "-", r.state.value, reason, r.log or "-"))
-    return table(rows, ("#", "stage", "job", "state", "reason", "log"))
+        code = r.exit_code or "-"
+        rows.append((f"{r.index:02d}", r.name, r.job_id or "-", r.state.value, code, reason, r.log or "-"))
+    return table(rows, ("#", "stage", "job", "state", "exit", "reason", "log"))
 
 
 def tail(path: Path, n: int = TAIL_LINES) -> list[str]:
@@ -42,19 +43,15 @@ def print_outcome(run_dir: Path, manifest: Manifest) -> bool:
         return False
     paths = RunPaths(run_dir)
     print(f"\nrun completed: {run_dir}")
-    names = {r.name for r in manifest.stages}
-    if "merge" in names:
-        print(f"merged model:       {paths.merged}")
-    if "train" in names or "consolidate" in names:
-        print(f"adapter:            {paths.adapter}")
-    answers = paths.evaluation / "answers.json"
-    if "evaluate" in names:
-        print(f"evaluation answers: {answers}")
-        try:
-            first_answer = json.loads(answers.read_text())[0]
-            print(f"  prompt: {first_answer['prompt']}")
-            print(f"  base:   {first_answer['base']!r}")
-            print(f"  tuned:  {first_answer['tuned']!r}")
-        except (OSError, ValueError, KeyError, IndexError):
-            pass
+    shown: set[str] = set()
+    specs = {row.name: row for row in stage_table.all_stages()}
+    for rec in manifest.stages:
+        for out in specs[rec.name].produces if rec.name in specs else ():
+            if out.label in shown:
+                continue
+            shown.add(out.label)
+            path = out.path(paths)
+            print(f"{out.label + ':':<20}{path}")
+            for line in out.preview(path) if out.preview else []:
+                print(line)
     return True

@@ -110,8 +110,9 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
     if isinstance(model, dict) and isinstance(model.get("id"), str) and _is_local_model(model["id"]):
         model["id"] = absolute(model["id"])
     env = out.get("environment")
-    if isinstance(env, dict) and isinstance(env.get("python"), str) and env["python"].startswith(("./", "../")):
-        env["python"] = absolute(env["python"])
+    for key in ("python", "train_python"):
+        if isinstance(env, dict) and isinstance(env.get(key), str) and env[key].startswith(("./", "../")):
+            env[key] = absolute(env[key])
     return out
 
 

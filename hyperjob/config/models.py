@@ -2,6 +2,8 @@
 
 Every field is checked here, before anything is rendered or written, so that a
 bad value fails with a message naming its key instead of deep inside a job.
+`backend` and `stages` are checked for shape here and against the backend
+registry and the stage table by the planner, which sits above both.
 Strings that end up in sbatch headers are restricted to safe character sets;
 everything else is quoted when rendered.
 """
@@ -13,18 +15,9 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-Backend = Literal["neuron", "cuda", "cpu"]
-StageName = Literal["download", "compile", "train", "consolidate", "merge", "evaluate"]
 DatasetFormat = Literal["dolly", "chat", "text"]
 Schedule = Literal["linear", "cosine", "constant", "constant_with_warmup"]
 
-# Canonical order of the stage DAG; a config may pick a subset, never reorder.
-STAGE_ORDER: tuple[StageName, ...] = ("download", "compile", "train", "consolidate", "merge", "evaluate")
-DEFAULT_STAGES: dict[str, tuple[StageName, ...]] = {
-    "neuron": ("download", "compile", "train", "consolidate", "merge", "evaluate"),
-    "cuda": ("download", "train", "merge", "evaluate"),
-    "cpu": ("download", "train", "merge", "evaluate"),
-}
 # The built-in model id that builds a tiny random Llama locally instead of downloading.
 TINY_MODEL_ID = "tiny-llama"
 
@@ -165,9 +158,16 @@ class MergeSection(_Model):
 
 
 class EnvironmentSection(_Model):
-    """How jobs find Python on the cluster nodes, plus extra environment variables."""
+    """How jobs find Python on the cluster nodes, plus extra environment variables.
+
+    `train_python` lets the training stack live in its own venv (on Trainium: the pinned Neuron venv for compile
+    and train) while download, consolidate, merge and evaluate run with `python`.
+    """
 
     python: str | None = Field(default=None, min_length=1, description="interpreter on the nodes; default: this one")
+    train_python: str | None = Field(
+        default=None, min_length=1, description="interpreter of the training stages (compile, train); default: python"
+    )
     env: dict[str, str] = Field(default_factory=dict)
 
     @field_validator("env")
@@ -200,7 +200,7 @@ def _control_char_keys(data: object, path: tuple[str, ...]) -> list[str]:
 class HyperjobConfig(_Model):
     name: str = Field(pattern=_NAME)
     workdir: Path
-    backend: Backend
+    backend: str = Field(pattern=_NAME, description="a registered backend: cpu, cuda, neuron")
     model: ModelSection
     dataset: DatasetSection
     cluster: ClusterSection = Field(default_factory=ClusterSection)
@@ -211,7 +211,7 @@ class HyperjobConfig(_Model):
     merge: MergeSection = Field(default_factory=MergeSection)
     evaluate: EvaluateSection = Field(default_factory=EvaluateSection)
     environment: EnvironmentSection = Field(default_factory=EnvironmentSection)
-    stages: tuple[StageName, ...] | None = None
+    stages: tuple[Annotated[str, Field(pattern=_NAME)], ...] | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -224,28 +224,12 @@ class HyperjobConfig(_Model):
 
     @field_validator("stages")
     @classmethod
-    def _stage_order(cls, v: tuple[StageName, ...] | None) -> tuple[StageName, ...] | None:
+    def _stages(cls, v: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        """Shape only: which stages exist, their order and their backends are the stage table's (planner) checks."""
         if v is None:
             return v
         if not v:
             raise ValueError("stages must name at least one stage")
         if len(set(v)) != len(v):
             raise ValueError(f"stages {list(v)} repeat a stage")
-        idx = [STAGE_ORDER.index(s) for s in v]
-        if idx != sorted(idx):
-            raise ValueError(f"stages {list(v)} are out of order; the order is {list(STAGE_ORDER)}")
         return v
-
-    @model_validator(mode="after")
-    def _backend_stages(self) -> HyperjobConfig:
-        if self.stages is not None and self.backend != "neuron":
-            for neuron_only in ("compile", "consolidate"):
-                if neuron_only in self.stages:
-                    raise ValueError(
-                        f"stage {neuron_only!r} exists only for backend 'neuron' (backend is {self.backend!r})"
-                    )
-        return self
-
-    @property
-    def stage_list(self) -> tuple[StageName, ...]:
-        return self.stages if self.stages is not None else DEFAULT_STAGES[self.backend]

@@ -8,6 +8,7 @@ has composed itself from already-quoted parts.
 from __future__ import annotations
 
 import shlex
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,9 +49,10 @@ def slurm_filename(path: Any) -> str:
     return str(path).replace("%", "%%")
 
 
-def make_env(directory: Path | None = None) -> jinja2.Environment:
+def make_env(extra_dirs: Sequence[Path] = ()) -> jinja2.Environment:
+    """The shipped templates first, then the directories of stages added from outside the package."""
     env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(str(directory or shipped_dir("templates"))),
+        loader=jinja2.FileSystemLoader([str(shipped_dir("templates")), *(str(d) for d in extra_dirs)]),
         undefined=jinja2.StrictUndefined,
         finalize=quote,
         autoescape=False,

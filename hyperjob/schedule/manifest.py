@@ -46,7 +46,9 @@ class Manifest:
     created: str
     hyperjob_version: str
     stages: tuple[StageRecord, ...]
-    local_pid: int | None = None
+    local_pid: int | None = None  # the local executor: pid, host and start time (clock ticks), for liveness
+    local_host: str | None = None
+    local_start: int | None = None
     version: int = MANIFEST_VERSION
 
     def stage(self, name: str) -> StageRecord:

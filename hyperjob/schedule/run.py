@@ -1,7 +1,7 @@
 """A run from start to end: lay out the run directory, submit the DAG, follow it.
 
 Files are written once, into a temp dir renamed into place, so a failed render
-leaves nothing; Slurm is reached only through `hyperjob.schedule.slurm`.
+leaves nothing; schedulers are reached only through their protocol (`schedule.base`).
 """
 
 from __future__ import annotations
@@ -20,13 +20,11 @@ from hyperjob.fsutil import atomic_dir
 from hyperjob.paths import RunPaths
 from hyperjob.plan.planner import Plan
 from hyperjob.render.scripts import RenderedStage, render_run
-from hyperjob.schedule import local, slurm
+from hyperjob.schedule import registry
+from hyperjob.schedule.base import Echo, Scheduler, SchedulerError, SubmitRequest
 from hyperjob.schedule.manifest import Manifest, StageRecord, now, read_manifest, write_manifest
+from hyperjob.schedule.outcome import combine_all, read_outcomes
 from hyperjob.schedule.states import StageState
-
-
-class SubmitError(RuntimeError):
-    """Submission failed; jobs already queued for this run were cancelled."""
 
 
 def new_run_dir(cfg: HyperjobConfig, when: datetime | None = None) -> Path:
@@ -60,6 +58,7 @@ def write_run_dir(cfg: HyperjobConfig, plan: Plan, run_dir: Path, scheduler: str
         paths = RunPaths(tmp)
         paths.scripts.mkdir()
         paths.logs.mkdir()
+        paths.outcomes.mkdir()
         paths.config.write_text(dump_config(cfg))
         for s in stages:
             script = paths.scripts / s.filename
@@ -70,60 +69,29 @@ def write_run_dir(cfg: HyperjobConfig, plan: Plan, run_dir: Path, scheduler: str
     return manifest
 
 
-def submit_slurm(run_dir: Path, manifest: Manifest, echo: Callable[[str], None] = print) -> Manifest:
-    """Queue every stage at once, each `afterok` on the one before; cancel all on any failure."""
-    previous: str | None = None
-    submitted: list[str] = []
-    try:
-        for rec in manifest.stages:
-            job_id = slurm.sbatch(run_dir / rec.script, [previous] if previous else [], cwd=run_dir)
-            submitted.append(job_id)
-            log = RunPaths(run_dir).log(rec.index, rec.name, job_id)
-            manifest = manifest.with_stage(replace(rec, job_id=job_id, state=StageState.PENDING, log=str(log)))
-            write_manifest(run_dir, manifest)
-            echo(f"  {rec.index:02d} {rec.name:<12} job {job_id}" + (f"  (afterok:{previous})" if previous else ""))
-            previous = job_id
-    except slurm.SlurmError as e:
-        if submitted:
-            slurm.cancel(submitted)
-        raise SubmitError(f"sbatch failed for stage {rec.name}: {e}; cancelled jobs {submitted}") from None
-    return manifest
-
-
-def submit_local(run_dir: Path, manifest: Manifest, *, wait: bool) -> Manifest:
-    manifest = replace(
-        manifest,
-        stages=tuple(replace(r, job_id=f"local-{r.index}", state=StageState.PENDING) for r in manifest.stages),
-    )
-    write_manifest(run_dir, manifest)
-    if wait:
-        local.run_local(run_dir)
-    else:
-        local.spawn_detached(run_dir)
-    return read_manifest(run_dir)
+def submit_run(
+    scheduler: Scheduler, run_dir: Path, manifest: Manifest, *, wait: bool = False, echo: Echo = print
+) -> tuple[Manifest, SubmitRequest]:
+    """Build the scheduler's request (no side effects), then carry it out."""
+    request = scheduler.request(run_dir, manifest)
+    return scheduler.schedule(request, manifest, wait=wait, echo=echo), request
 
 
 def refresh(run_dir: Path) -> Manifest:
-    """Current state of every stage: Slurm first (squeue, then scontrol), the manifest for what Slurm forgot."""
+    """Current state of every stage: the scheduler's live view, then each stage's outcome record (see outcome.py).
+
+    The scheduler is asked first and the records read second: a job that ends in between then shows its record,
+    never a stale "unknown" that would read as LOST.
+    """
     manifest = read_manifest(run_dir)
-    if manifest.scheduler != "slurm":
+    if all(r.job_id is None or r.state.is_terminal for r in manifest.stages):
         return manifest
-    live = [r.job_id for r in manifest.stages if r.job_id and not r.state.is_terminal]
-    if not live:
-        return manifest
-    infos = slurm.query(live)
-    changed = False
-    for rec in manifest.stages:
-        info = infos.get(rec.job_id or "")
-        if info is None:
-            continue
-        code = rec.exit_code if info.exit_code is None else f"{info.exit_code}:{info.signal or 0}"
-        update = replace(rec, state=info.state, reason=info.reason or "", exit_code=code)
-        if update != rec:
-            manifest, changed = manifest.with_stage(update), True
-    if changed:
-        write_manifest(run_dir, manifest)
-    return manifest
+    scheduler = registry.get(manifest.scheduler)
+    live = scheduler.query(run_dir, manifest)
+    updated = combine_all(manifest, live, read_outcomes(run_dir, manifest), scheduler.name)
+    if updated != manifest:
+        write_manifest(run_dir, updated)
+    return updated
 
 
 # A controller restart or a busy slurmctld should not kill a multi-hour --wait.
@@ -141,7 +109,7 @@ def wait_run(
         try:
             manifest = refresh(run_dir)
             failing_since = None
-        except slurm.SlurmError as e:
+        except SchedulerError as e:
             failing_since = failing_since or time.monotonic()
             if time.monotonic() - failing_since > QUERY_FAILURE_GRACE_S:
                 raise
@@ -164,12 +132,7 @@ def wait_run(
 def cancel_run(run_dir: Path) -> Manifest:
     manifest = refresh(run_dir)
     live = [r for r in manifest.stages if not r.state.is_terminal]
-    if manifest.scheduler == "slurm":
-        ids = [r.job_id for r in live if r.job_id]
-        if ids:
-            slurm.cancel(ids)
-    elif manifest.scheduler == "local":
-        local.cancel_local(manifest)
+    registry.get(manifest.scheduler).cancel(run_dir, manifest)
     for rec in live:
         manifest = manifest.with_stage(replace(rec, state=StageState.CANCELLED, reason="cancelled by user"))
     write_manifest(run_dir, manifest)

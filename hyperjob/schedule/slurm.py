@@ -1,7 +1,8 @@
 """The only module that runs Slurm commands.
 
 Side effects sit in four small functions (sbatch, query, cancel, available) so that one fake replaces
-all of Slurm in unit tests; everything they read is parsed by the pure hyperjob.schedule.parsers.
+all of Slurm in unit tests (`sbatch_command` is the pure part of sbatch, shared with the dry run);
+everything they read is parsed by the pure hyperjob.schedule.parsers.
 Status works without slurmdbd: squeue for live jobs, then `scontrol show job` for jobs squeue has
 dropped (kept by slurmctld for MinJobAge seconds, 300 by default). sacct is never called.
 """
@@ -13,9 +14,10 @@ import re
 import shlex
 import shutil
 import subprocess
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
+from hyperjob.schedule.base import SchedulerError
 from hyperjob.schedule.parsers import (
     SQUEUE_FORMAT,
     JobInfo,
@@ -35,7 +37,7 @@ _INVALID_JOB_ID = "Invalid job id specified"
 _CANCEL_BENIGN = (_INVALID_JOB_ID, "already completing or completed")
 
 
-class SlurmError(RuntimeError):
+class SlurmError(SchedulerError):
     """A Slurm command failed; carries the command line and its stderr for the user."""
 
     def __init__(self, cmd: Sequence[str], returncode: int | None, stderr: str) -> None:
@@ -91,11 +93,7 @@ def sbatch(
     environment. Note that Slurm treats a dependency on a job id it does not know (purged after
     MinJobAge) as satisfied, so callers must check old upstream jobs themselves.
     """
-    deps = _check_ids(dependencies)
-    cmd = ["sbatch", "--parsable", "--kill-on-invalid-dep=yes"]
-    if deps:
-        cmd.append("--dependency=afterok:" + ":".join(deps))
-    cmd.append(str(script))
+    cmd = sbatch_command(script, _check_ids(dependencies))
     proc = _run(cmd, timeout=SUBMIT_TIMEOUT_S, cwd=cwd, env=env)
     if proc.returncode != 0:
         raise SlurmError(cmd, proc.returncode, proc.stderr)
@@ -105,6 +103,23 @@ def sbatch(
         raise SlurmError(cmd, proc.returncode, f"{exc}\n{proc.stderr}") from exc
 
 
+def sbatch_command(script: Path, dependencies: Sequence[str]) -> list[str]:
+    """The sbatch command line for `script` after `dependencies` (job ids, or placeholders in a dry run)."""
+    cmd = ["sbatch", "--parsable", "--kill-on-invalid-dep=yes"]
+    if dependencies:
+        cmd.append("--dependency=afterok:" + ":".join(dependencies))
+    cmd.append(str(script))
+    return cmd
+
+
+def _parsed(cmd: list[str], parse: Callable[[str], dict[str, JobInfo]], stdout: str) -> dict[str, JobInfo]:
+    """An answer we cannot read is the scheduler's error (retried by --wait), not a crash."""
+    try:
+        return parse(stdout)
+    except ValueError as exc:
+        raise SlurmError(cmd, 0, f"unreadable output ({exc})") from None
+
+
 def _squeue(job_ids: list[str]) -> dict[str, JobInfo]:
     cmd = ["squeue", "--noheader", f"--jobs={','.join(job_ids)}", f"--format={SQUEUE_FORMAT}"]
     proc = _run(cmd, timeout=QUERY_TIMEOUT_S)
@@ -112,7 +127,7 @@ def _squeue(job_ids: list[str]) -> dict[str, JobInfo]:
         if _INVALID_JOB_ID in proc.stderr:  # only when every id is unknown
             return {}
         raise SlurmError(cmd, proc.returncode, proc.stderr)
-    return parse_squeue(proc.stdout)
+    return _parsed(cmd, parse_squeue, proc.stdout)
 
 
 def _scontrol_show_job(job_id: str) -> dict[str, JobInfo]:
@@ -123,7 +138,7 @@ def _scontrol_show_job(job_id: str) -> dict[str, JobInfo]:
         if _INVALID_JOB_ID in proc.stderr:
             return {}
         raise SlurmError(cmd, proc.returncode, proc.stderr)
-    return parse_scontrol_show_job(proc.stdout)
+    return _parsed(cmd, parse_scontrol_show_job, proc.stdout)
 
 
 def _answered(job_id: str, jobs: Mapping[str, JobInfo]) -> bool:

@@ -28,6 +28,7 @@ class StageState(str, Enum):
     OUT_OF_MEMORY = "OUT_OF_MEMORY"
     NODE_FAIL = "NODE_FAIL"
     PREEMPTED = "PREEMPTED"
+    LOST = "LOST"  # the scheduler forgot the job and the stage left no outcome record (never from Slurm)
     UNKNOWN = "UNKNOWN"
 
     @property
@@ -53,6 +54,7 @@ _TERMINAL = frozenset(
         StageState.OUT_OF_MEMORY,
         StageState.NODE_FAIL,
         StageState.PREEMPTED,
+        StageState.LOST,
     }
 )
 

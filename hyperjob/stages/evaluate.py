@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from hyperjob import backends
 from hyperjob.config.models import HyperjobConfig
 from hyperjob.fsutil import atomic_dir
 from hyperjob.paths import RunPaths, base_model_dir
@@ -90,7 +91,7 @@ def _evaluate(paths: RunPaths, cfg: HyperjobConfig) -> int:
     import torch
     from transformers import AutoTokenizer
 
-    use_cuda = cfg.backend == "cuda" and torch.cuda.is_available()
+    use_cuda = backends.get(cfg.backend).runtime.device == "cuda" and torch.cuda.is_available()
     device = torch.device("cuda" if use_cuda else "cpu")
     dtype: Any = (torch.bfloat16 if cfg.training.bf16 else "auto") if use_cuda else torch.float32
     tokenizer = AutoTokenizer.from_pretrained(base)

@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from hyperjob import backends, stage_table
+from hyperjob.backends.base import Runtime
 from hyperjob.config.models import HyperjobConfig
 from hyperjob.fsutil import atomic_dir, write_json
 from hyperjob.paths import RunPaths, base_model_dir
@@ -46,7 +48,7 @@ def newest_checkpoint(checkpoints: Path) -> Path | None:
     return max(found)[1] if found else None
 
 
-def _training_arguments(cfg: HyperjobConfig, paths: RunPaths, use_bf16: bool) -> Any:
+def _training_arguments(cfg: HyperjobConfig, paths: RunPaths, runtime: Runtime, use_bf16: bool) -> Any:
     import transformers
 
     t = cfg.training
@@ -79,19 +81,19 @@ def _training_arguments(cfg: HyperjobConfig, paths: RunPaths, use_bf16: bool) ->
     kwargs[gc_name] = t.gradient_checkpointing
     if t.gradient_checkpointing:
         kwargs[f"{gc_name}_kwargs"] = {"use_reentrant": False}  # reentrant checkpointing loses LoRA grads
-    if cfg.backend == "cpu":
+    if runtime.device == "cpu":
         kwargs["use_cpu"] = True
-        if world_size() > 1:  # accelerate would expect a process group even when launched without torchrun
-            kwargs["ddp_backend"] = "gloo"
+    if world_size() > 1:  # the backend's choice, not accelerate's guess from the device
+        kwargs["ddp_backend"] = runtime.distributed
     return transformers.TrainingArguments(**kwargs)
 
 
-def _load_model(base: Path, cfg: HyperjobConfig, dtype: Any) -> Any:
+def _load_model(base: Path, cfg: HyperjobConfig, runtime: Runtime, dtype: Any) -> Any:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     kwargs: dict[str, Any] = dtype_kwargs(dtype)
-    if cfg.backend == "cuda":  # straight onto this rank's GPU: N ranks x a full CPU copy can exhaust host memory
+    if runtime.load_on_local_rank:  # straight onto this rank's device: N ranks x a full host copy can exhaust memory
         kwargs.update(device_map={"": int(os.environ.get("LOCAL_RANK", "0"))}, low_cpu_mem_usage=True)
     model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
     model.config.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing
@@ -121,11 +123,10 @@ def _last_logged_loss(log_history: list[dict[str, Any]]) -> float | None:
 
 def _train(paths: RunPaths, cfg: HyperjobConfig, *, compile_only: bool = False) -> int:
     log = setup_logging("train")
-    if cfg.backend == "neuron":
-        raise StageError(
-            "training on backend 'neuron' needs the Trainium entry (optimum-neuron), not shipped in this version yet"
-        )
-    if compile_only:
+    runtime = backends.get(cfg.backend).runtime
+    if runtime.train_unavailable:
+        raise StageError(runtime.train_unavailable)
+    if compile_only and not stage_table.spec("compile").available_for(cfg.backend):
         raise StageError(f"--compile precompiles Neuron graphs; it does not apply to backend {cfg.backend!r}")
     started = time.monotonic()
     base = base_model_dir(cfg)
@@ -139,12 +140,12 @@ def _train(paths: RunPaths, cfg: HyperjobConfig, *, compile_only: bool = False) 
 
     hf_logging.disable_progress_bar()  # per-tensor loading bars from every rank drown the step logs
 
-    if cfg.backend == "cuda" and not torch.cuda.is_available():
-        raise StageError("backend is 'cuda' but torch sees no CUDA device on this node")
-    use_bf16 = cfg.backend == "cuda" and cfg.training.bf16
+    if runtime.device == "cuda" and not torch.cuda.is_available():
+        raise StageError(f"backend is {cfg.backend!r} but torch sees no CUDA device on this node")
+    use_bf16 = runtime.bf16 and cfg.training.bf16
     dtype = torch.bfloat16 if use_bf16 else torch.float32
-    if cfg.backend == "cpu" and cfg.training.bf16:
-        log.info("training.bf16 is ignored on the cpu backend: training in float32")
+    if cfg.training.bf16 and not runtime.bf16:
+        log.info("training.bf16 is ignored on the %s backend: training in float32", cfg.backend)
 
     log.info("starting: world size %d, backend %s, base %s", world_size(), cfg.backend, base)
     tokenizer = AutoTokenizer.from_pretrained(base)
@@ -159,11 +160,11 @@ def _train(paths: RunPaths, cfg: HyperjobConfig, *, compile_only: bool = False) 
         stats.skipped_no_labels,
     )
 
-    args = _training_arguments(cfg, paths, use_bf16)
+    args = _training_arguments(cfg, paths, runtime, use_bf16)
     mode = f"DDP over {torch.distributed.get_backend()}" if args.world_size > 1 else "single process"
     log.info("world size %d (%s), dtype %s", args.world_size, mode, _name(dtype))
 
-    model = _load_model(base, cfg, dtype)
+    model = _load_model(base, cfg, runtime, dtype)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log.info("LoRA r=%d: %d trainable of %d parameters", cfg.lora.r, trainable, model.num_parameters())
 
@@ -173,7 +174,7 @@ def _train(paths: RunPaths, cfg: HyperjobConfig, *, compile_only: bool = False) 
     else:
         log.info("no complete checkpoint in %s: starting from step 0", paths.checkpoints)
 
-    collator = PadCollator(pad_id_of(tokenizer), pad_to_multiple_of=8 if cfg.backend == "cuda" else None)
+    collator = PadCollator(pad_id_of(tokenizer), pad_to_multiple_of=runtime.pad_to_multiple_of)
     trainer = Trainer(
         model=model, args=args, train_dataset=examples, data_collator=collator, processing_class=tokenizer
     )

@@ -8,15 +8,14 @@ NVIDIA instances.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
-
-Accelerator = Literal["neuron", "cuda", "cpu"]
 
 
 @dataclass(frozen=True)
 class InstanceType:
+    """`accelerator` names the kind of device (neuron, cuda, cpu); a backend runs on instances of its kind."""
+
     name: str
-    accelerator: Accelerator
+    accelerator: str
     devices: int
     device_name: str
     default_tp: int = 1

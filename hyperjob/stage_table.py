@@ -1,0 +1,162 @@
+"""The stage table: every stage of the pipeline, in DAG order, as one row each.
+
+A row says what a stage is for, which template renders it, which module its script runs, which backends have it
+and what it leaves in the run directory. Adding a stage is one row here and one template; the renderer, the
+planner and the reports read this table and hold no per-stage knowledge of their own. Backends may replace a
+stage's entry module (`Backend.entry`), never its place in the order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hyperjob.config.load import ConfigError
+from hyperjob.paths import RunPaths
+
+
+@dataclass(frozen=True)
+class Output:
+    """One thing a stage produces, shown when a run completes."""
+
+    label: str
+    path: Callable[[RunPaths], Path]
+    preview: Callable[[Path], list[str]] | None = None
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """One row of the table.
+
+    `backends`: the backends that have this stage (None: every backend). `distributed`: runs on every node of the
+    allocation through the backend's launcher (torchrun), the others run one task on one node. `group`: the
+    interpreter group, `train` for stages that need the training stack (environment.train_python), `tools` for
+    the rest. `hub`: the only stage allowed to reach the Hugging Face hub. `template_dir`: None for the shipped
+    templates; a directory for a stage added from outside the package (its template may import the shipped macros).
+    """
+
+    name: str
+    purpose: str
+    entry: str
+    args: tuple[str, ...] = ()
+    backends: frozenset[str] | None = None
+    distributed: bool = False
+    group: str = "tools"
+    hub: bool = False
+    produces: tuple[Output, ...] = ()
+    template_dir: Path | None = field(default=None, compare=False)
+
+    @property
+    def template(self) -> str:
+        return f"{self.name}.sbatch.j2"
+
+    def available_for(self, backend_name: str) -> bool:
+        return self.backends is None or backend_name in self.backends
+
+
+def _first_answer(answers: Path) -> list[str]:
+    """The first evaluation prompt with both answers, for the end-of-run summary."""
+    try:
+        first = json.loads(answers.read_text())[0]
+        return [f"  prompt: {first['prompt']}", f"  base:   {first['base']!r}", f"  tuned:  {first['tuned']!r}"]
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return []
+
+
+_ADAPTER = Output("adapter", lambda p: p.adapter)
+
+_BUILTIN = (
+    StageSpec(
+        name="download",
+        purpose="Fetch the base model (and hub dataset) onto the shared filesystem.",
+        entry="hyperjob.stages.download",
+        hub=True,
+    ),
+    StageSpec(
+        name="compile",
+        purpose="Precompile the Neuron training graphs (neuron_parallel_compile) into the shared cache.",
+        entry="hyperjob.stages.train",
+        args=("--compile",),
+        backends=frozenset({"neuron"}),
+        distributed=True,
+        group="train",
+    ),
+    StageSpec(
+        name="train",
+        purpose="LoRA fine-tuning; checkpoints every save_steps, resumes from the newest one.",
+        entry="hyperjob.stages.train",
+        distributed=True,
+        group="train",
+        produces=(_ADAPTER,),
+    ),
+    StageSpec(
+        name="consolidate",
+        purpose="Tensor-parallel shards -> a standard PEFT adapter.",
+        entry="hyperjob.stages.consolidate",
+        backends=frozenset({"neuron"}),
+        produces=(_ADAPTER,),
+    ),
+    StageSpec(
+        name="merge",
+        purpose="Merge the adapter into the base model (safetensors shards + index).",
+        entry="hyperjob.stages.merge",
+        produces=(Output("merged model", lambda p: p.merged),),
+    ),
+    StageSpec(
+        name="evaluate",
+        purpose="Answer the evaluation prompts with the base and the tuned model.",
+        entry="hyperjob.stages.evaluate",
+        produces=(Output("evaluation answers", lambda p: p.evaluation / "answers.json", _first_answer),),
+    ),
+)
+
+_TABLE: list[StageSpec] = list(_BUILTIN)
+
+
+def all_stages() -> tuple[StageSpec, ...]:
+    """Every stage, in DAG order."""
+    return tuple(_TABLE)
+
+
+def spec(name: str) -> StageSpec:
+    for row in _TABLE:
+        if row.name == name:
+            return row
+    raise KeyError(f"no stage {name!r}; the stages are {names()}")
+
+
+def names() -> list[str]:
+    return [row.name for row in _TABLE]
+
+
+@contextlib.contextmanager
+def registered(row: StageSpec, *, after: str) -> Iterator[StageSpec]:
+    """Add a stage after `after` for the duration of the block (extensions and tests)."""
+    if row.name in names():
+        raise ValueError(f"stage {row.name!r} already exists")
+    _TABLE.insert(names().index(after) + 1, row)
+    try:
+        yield row
+    finally:
+        _TABLE.remove(row)
+
+
+def resolve_stages(requested: Sequence[str] | None, backend: str, default: Sequence[str]) -> tuple[str, ...]:
+    """The stages a run will have: `requested` (a config's `stages`) checked against the table, or the default."""
+    order = names()
+    chosen = tuple(default if requested is None else requested)
+    unknown = [s for s in chosen if s not in order]
+    if unknown:
+        raise ConfigError([("stages", f"unknown stage {unknown[0]!r} (allowed: {', '.join(order)})")])
+    index = [order.index(s) for s in chosen]
+    if index != sorted(index):
+        raise ConfigError([("stages", f"stages {list(chosen)} are out of order; the order is {order}")])
+    for name in chosen:
+        row = spec(name)
+        if not row.available_for(backend):
+            have = ", ".join(repr(b) for b in sorted(row.backends or ()))
+            raise ConfigError([("stages", f"stage {name!r} exists only for backend {have} (backend is {backend!r})")])
+    return chosen
