@@ -14,12 +14,15 @@
 #   HYPERJOB_SLURM_NODE        node name (default: short hostname)
 #   HYPERJOB_SLURMCTLD_PORT    slurmctld port (default 6817)
 #   HYPERJOB_SLURMD_PORT       slurmd port (default 6818)
+#   HYPERJOB_SLURM_MIN_JOB_AGE seconds Slurm remembers a finished job (default 10, as on a busy cluster:
+#                              hyperjob's status must stay true after Slurm has forgotten a job)
 set -euo pipefail
 
 BASE=${HYPERJOB_SLURM_BASE:-/tmp/hyperjob-slurm}
 NODE=${HYPERJOB_SLURM_NODE:-$(hostname -s)}
 CTLD_PORT=${HYPERJOB_SLURMCTLD_PORT:-6817}
 SLURMD_PORT=${HYPERJOB_SLURMD_PORT:-6818}
+MIN_JOB_AGE=${HYPERJOB_SLURM_MIN_JOB_AGE:-10}
 CONF=$BASE/etc/slurm.conf
 WAIT_SECONDS=60
 
@@ -142,12 +145,12 @@ JobAcctGatherType=jobacct_gather/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 MpiDefault=none
-# No slurmdbd, so no sacct: finished jobs are read with scontrol (kept for MinJobAge seconds) and
-# every finished job is also appended to the jobcomp text file.
+# No slurmdbd, so no sacct: finished jobs are read with scontrol (kept for MinJobAge seconds, purged
+# within about 10 s more) and every finished job is also appended to the jobcomp text file.
 AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/filetxt
 JobCompLoc=$BASE/log/jobcomp.txt
-MinJobAge=86400
+MinJobAge=$MIN_JOB_AGE
 ReturnToService=2
 # Schedule as soon as possible: tests wait on short dependency chains.
 SchedulerType=sched/backfill
