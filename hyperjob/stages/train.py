@@ -202,7 +202,21 @@ def _train(paths: RunPaths, cfg: HyperjobConfig, *, compile_only: bool = False) 
         }
         write_json(paths.run_dir / SUMMARY_NAME, summary)
         log.info("adapter saved to %s; summary %s", paths.adapter, paths.run_dir / SUMMARY_NAME)
+    _finish_distributed()
     return 0
+
+
+def _finish_distributed() -> None:
+    """Every rank waits for rank 0's saves, then leaves the process group together.
+
+    A rank that simply exits while another still works can abort in the communication library's teardown
+    ("terminate called without an active exception", SIGABRT), failing a stage whose training succeeded.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def main(argv: list[str] | None = None) -> int:
