@@ -192,3 +192,51 @@ def test_no_import_cycles_between_packages() -> None:
     assert {"config", "backends", "plan", "render", "schedule", "cli"} <= set(graph) | {"config"}
     assert "cli" not in {p for deps in graph.values() for p in deps}
     assert graph.get("config", set()) <= {"fsutil"}, graph["config"]
+
+
+def test_unreadable_slurm_answer_is_a_slurm_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A squeue line we cannot parse (a changed format, a truncated answer) is an error to retry, not a crash."""
+    import subprocess
+
+    from hyperjob.schedule import slurm
+
+    def garbled(cmd: list[str], **_: object) -> subprocess.CompletedProcess[str]:
+        return subprocess.CompletedProcess(cmd, 0, stdout="12|RUNNING\n", stderr="")
+
+    monkeypatch.setattr(slurm, "_run", garbled)
+    with pytest.raises(slurm.SlurmError, match=r"unreadable output .*expected 5 columns"):
+        slurm.query(["12"])
+
+
+class FlakyScheduler:
+    """Answers its first queries with SchedulerError, then knows nothing (the stage's record decides)."""
+
+    name, priority, max_nodes = "flaky", None, None
+
+    def __init__(self, failures: int) -> None:
+        self.failures = failures
+
+    def query(self, run_dir: Path, manifest: object) -> dict[str, object]:
+        from hyperjob.schedule.base import SchedulerError
+
+        if self.failures:
+            self.failures -= 1
+            raise SchedulerError("squeue: unreadable output")
+        return {}
+
+
+def test_wait_retries_scheduler_errors(tmp_path: Path) -> None:
+    from hyperjob.paths import RunPaths
+    from hyperjob.schedule.manifest import Manifest, StageRecord, write_manifest
+    from hyperjob.schedule.run import wait_run
+    from hyperjob.schedule.states import StageState
+
+    rec = StageRecord(1, "download", "scripts/01-download.sbatch", job_id="7", state=StageState.RUNNING)
+    write_manifest(tmp_path, Manifest("r", str(tmp_path), "h", "flaky", "now", "0", (rec,)))
+    RunPaths(tmp_path).outcomes.mkdir()
+    RunPaths(tmp_path).outcome(1, "download").write_text("job_id=7\nhost=h\nstarted=T\nended=T\nexit_code=0\n")
+    said: list[str] = []
+    with registry.registered(FlakyScheduler(failures=2)):  # type: ignore[arg-type]
+        final = wait_run(tmp_path, poll=0.01, timeout=30, echo=said.append)
+    assert [r.state for r in final.stages] == [StageState.COMPLETED]
+    assert sum("unreadable output; retrying" in line for line in said) == 2
