@@ -139,6 +139,7 @@ def render_run(cfg: HyperjobConfig, plan: Plan, run_dir: Path) -> list[RenderedS
     out = []
     for i, stage in enumerate(plan.stages, start=1):
         ctx = stage_context(cfg, plan, run_dir, stage, i)
-        extra_dirs = [d for d in (spec(stage).template_dir,) if d is not None]
-        out.append(RenderedStage(i, stage, RunPaths(run_dir).script(i, stage).name, render_stage(ctx, extra_dirs)))
+        template_dir = spec(stage).template_dir
+        text = render_stage(ctx, [template_dir] if template_dir else [])
+        out.append(RenderedStage(i, stage, RunPaths(run_dir).script(i, stage).name, text))
     return out

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from hyperjob.paths import RunPaths
 from hyperjob.schedule.manifest import Manifest, StageRecord
 from hyperjob.schedule.states import StageState
 
@@ -89,7 +90,14 @@ class Scheduler(Protocol):
         ...
 
 
-def chain(manifest: Manifest) -> tuple[tuple[str, tuple[str, ...]], ...]:
-    """(stage, the stages it waits for): today's DAG is a chain, each stage after the one before."""
+def submissions(run_dir: Path, manifest: Manifest) -> tuple[Submission, ...]:
+    """Every stage of the run with the stages it waits for: today's DAG is a chain, each after the one before."""
     names = [rec.name for rec in manifest.stages]
-    return tuple((name, tuple(names[i - 1 : i])) for i, name in enumerate(names))
+    return tuple(
+        Submission(rec.name, run_dir / rec.script, tuple(names[i - 1 : i])) for i, rec in enumerate(manifest.stages)
+    )
+
+
+def job_log(run_dir: Path, rec: StageRecord) -> Path | None:
+    """The log a stage's job writes (the scripts' `--output` pattern; the local executor uses the same name)."""
+    return None if rec.job_id is None else RunPaths(run_dir).log(rec.index, rec.name, rec.job_id)

@@ -22,7 +22,7 @@ from pathlib import Path
 from types import FrameType
 
 from hyperjob.paths import RunPaths
-from hyperjob.schedule.manifest import Manifest, now, read_manifest, write_manifest
+from hyperjob.schedule.manifest import Manifest, exit_text, now, read_manifest, write_manifest
 from hyperjob.schedule.states import StageState
 
 # Inherited Slurm variables would make scripts believe they run inside an allocation.
@@ -88,7 +88,8 @@ def run_local(run_dir: Path) -> bool:
             print(f"hyperjob local: {rec.name} running (log: {log})", flush=True)
             code = _run_script(run_dir, rec.script, rec.job_id, log)
             state = StageState.COMPLETED if code == 0 else StageState.FAILED
-            rec = replace(rec, state=state, exit_code=f"{code}:0" if code >= 0 else f"0:{-code}", ended=now())
+            text = exit_text(code) if code >= 0 else exit_text(0, -code)  # negative: killed by that signal
+            rec = replace(rec, state=state, exit_code=text, ended=now())
             manifest = _save(run_dir, manifest.with_stage(rec))
             print(f"hyperjob local: {rec.name} {state.value.lower()} (exit {code})", flush=True)
             if code != 0:

@@ -36,6 +36,16 @@ class StageRecord:
     started: str | None = None
     ended: str | None = None
 
+    @property
+    def is_open(self) -> bool:
+        """Submitted and not finished: the stages whose state a scheduler or an outcome record can still change."""
+        return self.job_id is not None and not self.state.is_terminal
+
+
+def exit_text(status: int, signal: int = 0) -> str:
+    """A job's exit as Slurm prints it, `<status>:<signal>`: the one spelling the manifest and `status` use."""
+    return f"{status}:{signal}"
+
 
 @dataclass(frozen=True)
 class Manifest:

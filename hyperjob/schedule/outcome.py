@@ -14,7 +14,7 @@ from pathlib import Path
 
 from hyperjob.paths import RunPaths
 from hyperjob.schedule.base import LiveState
-from hyperjob.schedule.manifest import Manifest, StageRecord
+from hyperjob.schedule.manifest import Manifest, StageRecord, exit_text
 from hyperjob.schedule.states import StageState
 
 _REQUIRED = ("job_id", "host", "started")
@@ -80,10 +80,6 @@ def read_outcomes(run_dir: Path, manifest: Manifest) -> dict[str, Outcome]:
     return found
 
 
-def _exit(code: int) -> str:
-    return f"{code}:0"
-
-
 def combine(
     rec: StageRecord, live: LiveState | None, outcome: Outcome | None, failed_upstream: StageRecord | None, who: str
 ) -> StageRecord:
@@ -97,14 +93,14 @@ def combine(
     if live is not None and not live.state.is_terminal:
         return replace(rec, state=live.state, reason=live.reason, exit_code=live.exit_code or rec.exit_code)
     if outcome is not None and outcome.exit_code is not None:
-        state, reason = (StageState.COMPLETED, "") if outcome.exit_code == 0 else (StageState.FAILED, "")
+        state, reason = StageState.COMPLETED if outcome.exit_code == 0 else StageState.FAILED, ""
         if live is not None and outcome.exit_code != 0 and live.state is not StageState.COMPLETED:
             state, reason = live.state, live.reason
         return replace(
             rec,
             state=state,
             reason=reason,
-            exit_code=_exit(outcome.exit_code),
+            exit_code=exit_text(outcome.exit_code),
             started=outcome.started,
             ended=outcome.ended,
         )
@@ -129,7 +125,7 @@ def combine_all(
     """Apply `combine` to every submitted, unfinished stage, in order (a stage's upstream is decided first)."""
     failed: StageRecord | None = None
     for rec in manifest.stages:
-        if rec.job_id is not None and not rec.state.is_terminal:
+        if rec.is_open:
             rec = combine(rec, live.get(rec.name), outcomes.get(rec.name), failed, who)
             manifest = manifest.with_stage(rec)
         if failed is None and rec.state.is_terminal and not rec.state.is_success:

@@ -84,7 +84,7 @@ def refresh(run_dir: Path) -> Manifest:
     never a stale "unknown" that would read as LOST.
     """
     manifest = read_manifest(run_dir)
-    if all(r.job_id is None or r.state.is_terminal for r in manifest.stages):
+    if not any(r.is_open for r in manifest.stages):
         return manifest
     scheduler = registry.get(manifest.scheduler)
     live = scheduler.query(run_dir, manifest)

@@ -10,9 +10,8 @@ import shlex
 from dataclasses import replace
 from pathlib import Path
 
-from hyperjob.paths import RunPaths
 from hyperjob.schedule import local
-from hyperjob.schedule.base import Echo, LiveState, Submission, SubmitError, SubmitRequest, chain
+from hyperjob.schedule.base import Echo, LiveState, SubmitError, SubmitRequest, job_log, submissions
 from hyperjob.schedule.manifest import Manifest, StageRecord, read_manifest, write_manifest
 from hyperjob.schedule.states import StageState
 
@@ -31,15 +30,13 @@ class LocalScheduler:
 
     def request(self, run_dir: Path, manifest: Manifest) -> SubmitRequest:
         """In order, each only if the ones before succeeded (`&&`), as the executor runs them."""
-        subs = tuple(Submission(name, run_dir / rec.script, after) for rec, (name, after) in
-                     zip(manifest.stages, chain(manifest), strict=True))  # fmt: skip
         lines = [f"cd {shlex.quote(str(run_dir))}"]
         lines += [
             f"HYPERJOB_EXECUTOR=local HYPERJOB_JOB_ID={job_id(rec)} bash {shlex.quote(rec.script)}"
             + (" &&" if rec is not manifest.stages[-1] else "")
             for rec in manifest.stages
         ]
-        return SubmitRequest(self.name, run_dir, subs, tuple(lines))
+        return SubmitRequest(self.name, run_dir, submissions(run_dir, manifest), tuple(lines))
 
     def schedule(self, request: SubmitRequest, manifest: Manifest, *, wait: bool, echo: Echo) -> Manifest:
         stages = tuple(replace(r, job_id=job_id(r), state=StageState.PENDING) for r in manifest.stages)
@@ -58,17 +55,13 @@ class LocalScheduler:
         """The executor's own records while it lives (or runs elsewhere); nothing once it is gone."""
         if local.executor_alive(manifest) is False:
             return {}
-        return {
-            rec.name: LiveState(rec.state, rec.reason, rec.exit_code)
-            for rec in manifest.stages
-            if rec.job_id and not rec.state.is_terminal
-        }
+        return {rec.name: LiveState(rec.state, rec.reason, rec.exit_code) for rec in manifest.stages if rec.is_open}
 
     def cancel(self, run_dir: Path, manifest: Manifest) -> None:
         local.stop_executor(manifest)
 
     def log(self, run_dir: Path, rec: StageRecord) -> Path | None:
-        return None if rec.job_id is None else RunPaths(run_dir).log(rec.index, rec.name, rec.job_id)
+        return job_log(run_dir, rec)
 
 
 SCHEDULER = LocalScheduler()

@@ -11,10 +11,9 @@ import shlex
 from dataclasses import replace
 from pathlib import Path
 
-from hyperjob.paths import RunPaths
 from hyperjob.schedule import slurm
-from hyperjob.schedule.base import Echo, LiveState, Submission, SubmitError, SubmitRequest, chain
-from hyperjob.schedule.manifest import Manifest, StageRecord, write_manifest
+from hyperjob.schedule.base import Echo, LiveState, SubmitError, SubmitRequest, job_log, submissions
+from hyperjob.schedule.manifest import Manifest, StageRecord, exit_text, write_manifest
 from hyperjob.schedule.states import StageState
 
 _PLACEHOLDER = re.compile(r"(\$\{job_\d+\})")
@@ -39,26 +38,24 @@ class SlurmScheduler:
 
     def request(self, run_dir: Path, manifest: Manifest) -> SubmitRequest:
         index = {rec.name: rec.index for rec in manifest.stages}
-        submissions, lines = [], [f"cd {shlex.quote(str(run_dir))}"]
-        for rec, (name, after) in zip(manifest.stages, chain(manifest), strict=True):
-            sub = Submission(name, run_dir / rec.script, after)
-            deps = ["${" + _variable(index[a]) + "}" for a in after]
+        subs, lines = submissions(run_dir, manifest), [f"cd {shlex.quote(str(run_dir))}"]
+        for sub in subs:
+            deps = ["${" + _variable(index[a]) + "}" for a in sub.after]
             cmd = " ".join(_shell_word(w) for w in slurm.sbatch_command(sub.script, deps))
-            lines.append(f"{_variable(rec.index)}=$({cmd})")
-            submissions.append(sub)
-        return SubmitRequest(self.name, run_dir, tuple(submissions), tuple(lines))
+            lines.append(f"{_variable(index[sub.stage])}=$({cmd})")
+        return SubmitRequest(self.name, run_dir, subs, tuple(lines))
 
     def schedule(self, request: SubmitRequest, manifest: Manifest, *, wait: bool, echo: Echo) -> Manifest:
         """Queue every stage; if any sbatch fails, cancel what this call queued (nothing is left half-submitted)."""
-        paths, ids = RunPaths(request.run_dir), dict[str, str]()
+        ids: dict[str, str] = {}
         try:
             for sub in request.submissions:
                 rec = manifest.stage(sub.stage)
                 deps = [ids[a] for a in sub.after]
                 job_id = slurm.sbatch(sub.script, deps, cwd=request.run_dir)
                 ids[sub.stage] = job_id
-                log = paths.log(rec.index, rec.name, job_id)
-                manifest = manifest.with_stage(replace(rec, job_id=job_id, state=StageState.PENDING, log=str(log)))
+                rec = replace(rec, job_id=job_id, state=StageState.PENDING)
+                manifest = manifest.with_stage(replace(rec, log=str(job_log(request.run_dir, rec))))
                 write_manifest(request.run_dir, manifest)
                 after = f"  (afterok:{':'.join(deps)})" if deps else ""
                 echo(f"  {rec.index:02d} {rec.name:<12} job {job_id}{after}")
@@ -71,24 +68,24 @@ class SlurmScheduler:
 
     def query(self, run_dir: Path, manifest: Manifest) -> dict[str, LiveState]:
         """squeue, then `scontrol show job`; jobs Slurm has purged are absent."""
-        open_ = {rec.job_id: rec.name for rec in manifest.stages if rec.job_id and not rec.state.is_terminal}
+        open_ = {rec.job_id: rec.name for rec in manifest.stages if rec.job_id and rec.is_open}
         infos = slurm.query(list(open_)) if open_ else {}
         live = {}
         for job_id, name in open_.items():
             info = infos.get(job_id)
             if info is not None:
-                code = None if info.exit_code is None else f"{info.exit_code}:{info.signal or 0}"
+                code = None if info.exit_code is None else exit_text(info.exit_code, info.signal or 0)
                 live[name] = LiveState(info.state, info.reason or "", code)
         return live
 
     def cancel(self, run_dir: Path, manifest: Manifest) -> None:
-        ids = [rec.job_id for rec in manifest.stages if rec.job_id and not rec.state.is_terminal]
+        ids = [rec.job_id for rec in manifest.stages if rec.job_id and rec.is_open]
         if ids:
             slurm.cancel(ids)
 
     def log(self, run_dir: Path, rec: StageRecord) -> Path | None:
         """A requeued job appends to the same file (--open-mode=append)."""
-        return None if rec.job_id is None else RunPaths(run_dir).log(rec.index, rec.name, rec.job_id)
+        return job_log(run_dir, rec)
 
 
 SCHEDULER = SlurmScheduler()
