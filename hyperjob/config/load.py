@@ -93,26 +93,34 @@ def _is_local_model(model_id: str) -> bool:
 def _resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
     """Make relative paths absolute against the config's directory (before validation)."""
 
-    def absolute(value: Any) -> Any:
+    def absolute(value: Any, key: str) -> Any:
         if not isinstance(value, str) or not value:
             return value
-        p = Path(value).expanduser()
+        try:
+            p = Path(value).expanduser()
+        except RuntimeError:  # `~name/...` for a user this machine does not know
+            user = value[1:].split("/", 1)[0]
+            problems.append((key, f"{value!r}: cannot expand '~{user}': no such user on this machine"))
+            return value
         return str(p if p.is_absolute() else (base / p).resolve())
 
+    problems: list[tuple[str, str]] = []
     out = _deep_copy(data)
     if "workdir" in out:
-        out["workdir"] = absolute(out["workdir"])
+        out["workdir"] = absolute(out["workdir"], "workdir")
     for section, key in (("dataset", "path"), ("model", "token_file")):
         sec = out.get(section)
         if isinstance(sec, dict) and sec.get(key) is not None:
-            sec[key] = absolute(sec[key])
+            sec[key] = absolute(sec[key], f"{section}.{key}")
     model = out.get("model")
     if isinstance(model, dict) and isinstance(model.get("id"), str) and _is_local_model(model["id"]):
-        model["id"] = absolute(model["id"])
+        model["id"] = absolute(model["id"], "model.id")
     env = out.get("environment")
     for key in ("python", "train_python"):
         if isinstance(env, dict) and isinstance(env.get(key), str) and env[key].startswith(("./", "../")):
-            env[key] = absolute(env[key])
+            env[key] = absolute(env[key], f"environment.{key}")
+    if problems:
+        raise ConfigError(problems)
     return out
 
 
@@ -169,7 +177,10 @@ def load_config(path: Path | str, overrides: Iterable[str] = (), *, check_inputs
     """Load, override, resolve and validate a config; fill run-time defaults (Python interpreter)."""
     path = Path(path)
     data = apply_overrides(read_yaml(path), overrides)
-    data = _resolve_paths(data, path.resolve().parent)
+    try:
+        data = _resolve_paths(data, path.resolve().parent)
+    except ConfigError as e:
+        raise ConfigError(e.problems, str(path)) from None
     cfg = validate(data, str(path))
     if cfg.environment.python is None:
         env = cfg.environment.model_copy(update={"python": sys.executable})
