@@ -3,6 +3,21 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
+# Golden files are compared, never rewritten, here: an update run would compare them with themselves.
+if [[ -n "${HYPERJOB_UPDATE_GOLDEN:-}" ]]; then
+  echo "error: HYPERJOB_UPDATE_GOLDEN is set; unset it (update golden files by hand, then review the diff)" >&2
+  exit 1
+fi
+# The tests must leave the tree as they found it (on CI's fresh clone: exactly the commit). The state is the
+# status, the diff of tracked files and a checksum of each untracked one.
+tree_state() {
+  git rev-parse --git-dir >/dev/null 2>&1 || return 0
+  git status --porcelain --untracked-files=all
+  git --no-pager diff HEAD
+  git ls-files --others --exclude-standard -z | xargs -0 -r sha1sum
+}
+before="$(tree_state)"
+
 bash .ci/install.sh
 
 # A real Slurm for the tests marked `slurm` (needs root; they skip without it).
@@ -12,7 +27,11 @@ if [[ "$(id -u)" == 0 ]]; then
   started_slurm=1
   # shellcheck disable=SC1091
   source "${HYPERJOB_SLURM_BASE:-/tmp/hyperjob-slurm}/env.sh"
+  # As root everything a test needs is here (Slurm, torch, peft): a skipped test is a failure.
+  export HYPERJOB_FORBID_SKIPS=1
 fi
+# Property tests draw the same examples on every CI run: a failure there is reproducible.
+export HYPOTHESIS_PROFILE=ci
 stop_slurm() {
   if [[ "$started_slurm" == 1 && "${HYPERJOB_SLURM_KEEP:-0}" != 1 ]]; then
     bash .ci/slurm/stop.sh || true
@@ -25,3 +44,10 @@ export PATH="$PWD/.venv/bin:$PATH"
 .venv/bin/ruff format --check hyperjob tests bench
 .venv/bin/mypy
 .venv/bin/python -m pytest "$@"
+
+if [[ "$(tree_state)" != "$before" ]]; then
+  echo "error: the tests changed the work tree (a golden file rewritten, or an output left in the repo):" >&2
+  git status --short --untracked-files=all >&2
+  git --no-pager diff --stat >&2
+  exit 1
+fi

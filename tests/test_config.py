@@ -101,5 +101,22 @@ def test_invalid_yaml_names_line(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("example", ["tiny-cpu", "trainium-llama3-8b", "gpu-llama3-8b"])
 def test_examples_validate(example: str) -> None:
-    cfg = load_config(REPO / "examples" / f"{example}.yaml", check_inputs=False)
-    assert cfg.name
+    """Every example loads, plans, and says in its file exactly what the loaded config holds (no silent default)."""
+    path = REPO / "examples" / f"{example}.yaml"
+    cfg = load_config(path, check_inputs=False)
+    plan = make_plan(cfg)
+    assert plan.stages and plan.world_size >= 1
+    written = yaml.safe_load(path.read_text())
+    loaded = cfg.model_dump(mode="json")
+    for section, values in written.items():
+        if isinstance(values, dict):
+            for key, value in values.items():
+                got = loaded[section][key]
+                if (section, key) in (("dataset", "path"), ("model", "token_file")):  # resolved against the file
+                    assert Path(got) == (path.parent / value).resolve(), f"{section}.{key}"
+                else:
+                    assert got == (list(value) if isinstance(value, tuple) else value), f"{section}.{key}"
+        elif section == "workdir":
+            assert Path(loaded[section]) == (path.parent / values).resolve()
+        else:
+            assert loaded[section] == (list(values) if isinstance(values, list) else values), section

@@ -2,44 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-import yaml
-
-REPO = Path(__file__).resolve().parent.parent
-
-
-def config(tmp_path: Path, stages: list[str]) -> Path:
-    data = yaml.safe_load((REPO / "examples" / "tiny-cpu.yaml").read_text())
-    data.update(workdir=str(tmp_path / "work"), stages=stages)
-    data["dataset"]["path"] = str(REPO / "examples" / "data" / "dolly-tiny.jsonl")
-    path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
-
-
-def hyperjob(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "hyperjob", *args], capture_output=True, text=True, timeout=300,
-        env={**os.environ, **(env or {})},
-    )  # fmt: skip
-
-
-def only_run_dir(tmp_path: Path) -> Path:
-    (run_dir,) = (tmp_path / "work" / "runs").iterdir()
-    return run_dir
-
-
-def states(run_dir: Path) -> dict[str, str]:
-    out = hyperjob("status", str(run_dir), "--json")
-    assert out.returncode == 0, out.stderr
-    return {s["name"]: s["state"] for s in json.loads(out.stdout)["stages"]}
+from fixtures_slurm import SlurmCluster
+from run_helpers import config, hyperjob, only_run_dir, run_processes, slurm_view, states
 
 
 @pytest.mark.parametrize("scheduler", [pytest.param("slurm", marks=pytest.mark.slurm), "local"])
@@ -56,31 +29,45 @@ def test_failed_stage_cancels_the_rest(tmp_path: Path, scheduler: str, request: 
 
 
 @pytest.mark.slurm
-def test_cancel_slurm_run(tmp_path: Path, slurm_cluster: object) -> None:
+def test_cancel_slurm_run(tmp_path: Path, slurm_cluster: SlurmCluster) -> None:
     held = "--set=cluster.sbatch_extra=[--hold]"  # queued, never started
     out = hyperjob("submit", str(config(tmp_path, ["download", "train"])), "--scheduler", "slurm", held)
     assert out.returncode == 0, out.stderr
     run_dir = only_run_dir(tmp_path)
-    assert set(states(run_dir).values()) == {"PENDING"}
-    assert hyperjob("cancel", str(run_dir)).returncode == 0
-    deadline = time.monotonic() + 30
-    while set(states(run_dir).values()) != {"CANCELLED"}:
-        assert time.monotonic() < deadline, states(run_dir)
-        time.sleep(0.5)
+    jobs = [s["job_id"] for s in json.loads((run_dir / "manifest.json").read_text())["stages"]]
+    try:
+        assert set(states(run_dir).values()) == {"PENDING"}
+        assert set(slurm_view(jobs, slurm_cluster.env).values()) == {"PENDING"}
+        assert hyperjob("cancel", str(run_dir)).returncode == 0
+        deadline = time.monotonic() + 30
+        while set(slurm_view(jobs, slurm_cluster.env).values()) - {"CANCELLED", "gone"}:
+            assert time.monotonic() < deadline, f"Slurm still has {slurm_view(jobs, slurm_cluster.env)}"
+            time.sleep(0.5)
+        assert set(states(run_dir).values()) == {"CANCELLED"}
+    finally:  # whatever hyperjob did, leave no held job behind
+        subprocess.run(["scancel", *jobs], env={**os.environ, **slurm_cluster.env}, check=False, timeout=30)
 
 
 def test_cancel_local_background_run(tmp_path: Path) -> None:
+    """cancel stops the executor and every process of the stage it was running: bash, torchrun, python."""
     out = hyperjob("submit", str(config(tmp_path, ["download", "train", "merge"])), "--scheduler", "local")
     assert out.returncode == 0, out.stderr
     run_dir = only_run_dir(tmp_path)
-    deadline = time.monotonic() + 30
-    while (pid := json.loads((run_dir / "manifest.json").read_text())["local_pid"]) is None:
-        assert time.monotonic() < deadline, "the background executor never started"
+    deadline = time.monotonic() + 120
+    procs = run_processes(run_dir)
+    while not any("hyperjob.stages.train" in cmd for cmd in procs.values()):
+        assert time.monotonic() < deadline, f"train never started: {states(run_dir)}"
         time.sleep(0.2)
+        procs = run_processes(run_dir)
+    assert any(cmd.startswith("bash ") for cmd in procs.values()), procs  # the stage script itself
     assert hyperjob("cancel", str(run_dir)).returncode == 0
-    deadline = time.monotonic() + 15
-    while Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]:
-        assert time.monotonic() < deadline, "the executor survived cancel"
+    deadline = time.monotonic() + 20
+    while left := run_processes(run_dir):
+        if time.monotonic() > deadline:
+            for pid in left:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            pytest.fail(f"processes of the run survived cancel: {left}")
         time.sleep(0.2)
     final = states(run_dir)
-    assert "CANCELLED" in final.values() and set(final.values()) <= {"CANCELLED", "COMPLETED"}
+    assert final["train"] == "CANCELLED" and final["merge"] == "CANCELLED", final

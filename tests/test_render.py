@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from hyperjob.config.load import load_config
+from hyperjob.config.load import ConfigError, load_config
 from hyperjob.plan.planner import make_plan
 from hyperjob.render.scripts import RenderedStage, render_run
 from hyperjob.render.shell import quote
@@ -90,11 +90,30 @@ def test_scripts_pass_standalone_rendezvous_only_for_one_node() -> None:
     assert "--cache_dir=/shared/work/neuron_compile_cache/" in one["compile"]
 
 
-def test_token_never_rendered(monkeypatch: pytest.MonkeyPatch) -> None:
-    secret = "hf_" + "Zz9Yy8Xx7Ww6Vv5"
-    monkeypatch.setenv("HF_TOKEN", secret)
-    for _, st in all_scripts():
-        assert secret not in st.text
+SECRET = "hf_" + "Zz9Yy8Xx7Ww6Vv5"
+
+
+@pytest.mark.parametrize("via", ["token_env", "token_file"])
+def test_token_never_rendered(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, via: str) -> None:
+    """Scripts name where the token comes from (read by the stage at run time), never the token itself."""
+    monkeypatch.setenv("HJ_SECRET_TOKEN", SECRET)
+    token_file = tmp_path / "token"
+    token_file.write_text(SECRET + "\n")
+    source = ["model.token_env=HJ_SECRET_TOKEN"] if via == "token_env" else [f"model.token_file={token_file}"]
+    for _, example, overrides in CASES:
+        stages = render_case(example, [*overrides, *source])
+        download = next(st for st in stages if st.stage == "download")
+        assert ("$HJ_SECRET_TOKEN" if via == "token_env" else str(token_file)) in download.text
+        assert not [st.filename for st in stages if SECRET in st.text]
+
+
+def test_token_in_environment_env_is_refused(tmp_path: Path) -> None:
+    """environment.env is written into every script, so a credential there is a config error (not echoed)."""
+    for name, value in (("HF_TOKEN", "anything"), ("MY_VAR", SECRET), ("WANDB_API_KEY", "abc")):
+        with pytest.raises(ConfigError, match=f"environment.env: {name} looks like a credential") as err:
+            render_case("tiny-cpu", [f"environment.env={{{name}: {value}}}"])
+        assert SECRET not in str(err.value)
+    assert render_case("tiny-cpu", ["environment.env={OMP_NUM_THREADS: '2'}"])  # ordinary variables still pass
 
 
 @pytest.mark.parametrize(

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from slurm_captures import answer, stored
 
 from hyperjob.schedule import slurm
 from hyperjob.schedule.parsers import (
@@ -432,8 +433,13 @@ def test_parse_squeue(stdout: str, expected: list[JobInfo]) -> None:
     assert list(jobs) == [job.job_id for job in expected]
 
 
-def test_squeue_format_matches_parser() -> None:
-    assert SQUEUE_FORMAT == "%i|%T|%M|%N|%r"
+def test_real_squeue_answer_in_our_format_parses() -> None:
+    """The stored answer is real squeue output for SQUEUE_FORMAT (re-captured and compared by a slurm test)."""
+    captured = stored()["squeue-held-and-unknown"]
+    assert f"--format={SQUEUE_FORMAT}" in captured.argv
+    jobs = parse_squeue(answer("squeue-held-and-unknown", job="41")[1])
+    assert list(jobs) == ["41"]
+    assert (jobs["41"].state, jobs["41"].reason, jobs["41"].nodes) == (S.PENDING, "JobHeldUser", ())
 
 
 @pytest.mark.parametrize(
@@ -614,7 +620,8 @@ def test_sbatch_command(fake_run: FakeRun, deps: list[str], expected_dep_args: l
 @pytest.mark.parametrize(
     ("answer", "message"),
     [
-        ((1, "", "sbatch: error: Unable to open file /nonexist\n"), "Unable to open file"),
+        (answer("sbatch-missing-script"), "Unable to open file"),
+        (answer("sbatch-unreachable"), "Unable to contact slurm controller"),
         ((0, "Submitted batch job 5\n", ""), "expected `<jobid>"),
     ],
 )
@@ -632,9 +639,8 @@ def test_sbatch_rejects_bad_dependency(fake_run: FakeRun, tmp_path: Path) -> Non
 
 
 def test_query_falls_back_to_scontrol(fake_run: FakeRun) -> None:
-    invalid = (1, "", "slurm_load_jobs error: Invalid job id specified\n")
     fake_run.answers["squeue"] = [(0, "3|PENDING|0:00||Dependency\n", "")]
-    fake_run.answers["scontrol"] = [(0, SCONTROL_FAILED + "\n", ""), invalid]
+    fake_run.answers["scontrol"] = [(0, SCONTROL_FAILED + "\n", ""), answer("scontrol-unknown")]
     jobs = slurm.query(["3", "7", "9999", "3"])
     assert {k: v.state for k, v in jobs.items()} == {"3": S.PENDING, "7": S.FAILED}
     assert fake_run.calls == [
@@ -651,33 +657,46 @@ def test_query_array_job_answered_by_squeue(fake_run: FakeRun) -> None:
 
 
 def test_query_all_unknown_and_errors(fake_run: FakeRun) -> None:
-    invalid = (1, "", "slurm_load_jobs error: Invalid job id specified\n")
-    fake_run.answers["squeue"] = [invalid, (1, "", "slurm_load_jobs error: Unable to contact slurm controller\n")]
-    fake_run.answers["scontrol"] = [invalid]
+    fake_run.answers["squeue"] = [answer("squeue-unknown"), answer("squeue-unreachable"), (0, "", "")]
+    fake_run.answers["scontrol"] = [answer("scontrol-unknown"), answer("scontrol-unreachable")]
     assert slurm.query(["9999"]) == {}
     with pytest.raises(slurm.SlurmError, match="Unable to contact"):
         slurm.query(["1"])
+    with pytest.raises(slurm.SlurmError, match="Unable to contact"):
+        slurm.query(["2"])  # squeue answered (nothing): scontrol's failure is not "purged"
     assert slurm.query([]) == {}
 
 
 @pytest.mark.parametrize(
-    ("answer", "raises"),
+    ("captured", "message"),
     [
-        ((0, "", ""), False),
-        ((0, "", "scancel: error: Kill job error on job id 9999: Invalid job id specified\n"), False),
-        ((0, "", "scancel: error: Kill job error on job id 1: Job/step already completing or completed\n"), False),
-        ((0, "", "scancel: error: Kill job error on job id 1: Access/permission denied\n"), True),
-        ((1, "", "scancel: error: Unable to contact slurm controller\n"), True),
+        ("scancel-unknown", None),  # real scancel says nothing about an unknown job (only with -v)
+        ("scancel-finished", None),
+        ("scancel-denied", "Access/permission denied"),
+        ("scancel-unreachable", "Unable to contact slurm controller"),
+        ("scancel-bad-id", "Invalid job id abc"),
     ],
 )
-def test_cancel(fake_run: FakeRun, answer: tuple[int, str, str], raises: bool) -> None:
-    fake_run.answers["scancel"] = [answer]
-    if raises:
-        with pytest.raises(slurm.SlurmError):
+def test_cancel(fake_run: FakeRun, captured: str, message: str | None) -> None:
+    fake_run.answers["scancel"] = [answer(captured)]
+    if message:
+        with pytest.raises(slurm.SlurmError, match=message):
             slurm.cancel(["1", "9999"])
     else:
         slurm.cancel(["1", "9999"])
     assert fake_run.calls == [["scancel", "1", "9999"]]
+
+
+@pytest.mark.parametrize(
+    "stderr",
+    [  # scancel -v's wording for jobs with nothing left to cancel (Slurm's own messages, printed with -v)
+        "scancel: error: Kill job error on job id 9999: Invalid job id specified\n",
+        "scancel: error: Kill job error on job id 1: Job/step already completing or completed\n",
+    ],
+)
+def test_cancel_nothing_left_is_not_an_error(fake_run: FakeRun, stderr: str) -> None:
+    fake_run.answers["scancel"] = [(0, "", stderr)]
+    slurm.cancel(["1", "9999"])
 
 
 def test_missing_binary_is_a_slurm_error(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -7,11 +7,13 @@ stage, cancel, and status for jobs squeue has already dropped. Jobs are tiny; th
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
+import slurm_captures
 from fixtures_slurm import SlurmCluster
 
 from hyperjob.schedule import slurm
@@ -139,3 +141,9 @@ def test_sbatch_error_carries_stderr(tmp_path: Path, slurm_cluster: SlurmCluster
         slurm.sbatch(tmp_path / "missing.sbatch", [], cwd=tmp_path)
     assert err.value.returncode != 0
     assert slurm.available()
+
+
+def test_captures_match_live_slurm(slurm_cluster: SlurmCluster) -> None:
+    """The fast tests' stored Slurm answers are what this Slurm says today (see tests/slurm_captures.py)."""
+    live = slurm_captures.capture({**os.environ, **slurm_cluster.env})
+    assert live == slurm_captures.stored(), "Slurm answers differently: review, then run python tests/slurm_captures.py"

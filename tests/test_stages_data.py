@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -160,9 +164,28 @@ def test_collator_pads_right() -> None:
     assert out["attention_mask"].tolist() == [[1, 1, 1, 0], [1, 1, 0, 0]]
 
 
-def test_deterministic(tok: Any) -> None:
-    rows = read_jsonl(DOLLY, "dolly")[:20]
-    assert build_examples(rows, "dolly", tok, 64) == build_examples(rows, "dolly", tok, 64)
+DIGEST = """
+import hashlib, json, sys
+from pathlib import Path
+from transformers import AutoTokenizer
+from hyperjob.config.models import DatasetSection
+from hyperjob.stages.data import build_train_examples
+tok = AutoTokenizer.from_pretrained(sys.argv[1])
+examples, _ = build_train_examples(DatasetSection(path=Path(sys.argv[2]), format="dolly"), tok, 64, packing=True)
+print(hashlib.sha256(json.dumps(examples, sort_keys=True).encode()).hexdigest())
+"""
+
+
+def test_every_process_builds_the_same_examples(tok: Any, tiny_model_dir: Path) -> None:
+    """Each data-parallel rank, and a resumed run, tokenizes on its own: their examples must match exactly."""
+    digests = set()
+    for seed in ("1", "2"):  # a different hash seed per process, as separate ranks have
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        proc = subprocess.run([sys.executable, "-c", DIGEST, str(tiny_model_dir), str(DOLLY)],
+                              capture_output=True, text=True, env=env, timeout=300, check=True)  # fmt: skip
+        digests.add(proc.stdout.strip())
+    examples, _ = build_train_examples(DatasetSection(path=DOLLY, format="dolly"), tok, 64, packing=True)
+    assert digests == {hashlib.sha256(json.dumps(examples, sort_keys=True).encode()).hexdigest()}
 
 
 # ---------------------------------------------------------------- bad rows

@@ -7,7 +7,6 @@ config means the same thing whatever the current directory is.
 from __future__ import annotations
 
 import hashlib
-import re
 import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -17,9 +16,9 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from hyperjob.config.models import HyperjobConfig
+from hyperjob.config.secrets import SECRET_NAME, redact
 
-_SECRET_KEY = re.compile(r"token|secret|password", re.IGNORECASE)
-_SECRET_VALUE = re.compile(r"\bhf_[A-Za-z0-9]{8,}")
+__all__ = ["ConfigError", "load_config", "load_resolved", "redact"]
 
 
 class ConfigError(ValueError):
@@ -32,11 +31,6 @@ class ConfigError(ValueError):
 
     def lines(self) -> list[str]:
         return [f"{self.source}: {key}: {msg}" if key else f"{self.source}: {msg}" for key, msg in self.problems]
-
-
-def redact(text: str) -> str:
-    """Hide anything shaped like a Hugging Face token."""
-    return _SECRET_VALUE.sub("hf_***", text)
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
@@ -147,7 +141,7 @@ def format_validation_error(err: ValidationError) -> list[tuple[str, str]]:
         elif e["type"] == "missing":
             msg = "required key is missing"
         elif "input" in e and not isinstance(e["input"], (dict, list)):
-            shown = "***" if _SECRET_KEY.search(key) else repr(e["input"])
+            shown = "***" if SECRET_NAME.search(key) else repr(e["input"])
             msg = f"{shown} is not allowed: {msg}"
         problems.append((key, msg))
     return problems

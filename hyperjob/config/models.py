@@ -15,6 +15,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from hyperjob.config.secrets import looks_secret
+
 DatasetFormat = Literal["dolly", "chat", "text"]
 Schedule = Literal["linear", "cosine", "constant", "constant_with_warmup"]
 
@@ -175,9 +177,15 @@ class EnvironmentSection(_Model):
     def _env_names(cls, v: dict[str, str]) -> dict[str, str]:
         import re
 
-        for key in v:
+        for key, value in v.items():
             if not re.match(_ENV_NAME, key):
                 raise ValueError(f"environment variable name {key!r} must match {_ENV_NAME}")
+            if looks_secret(key, value):  # these are written into every script; a credential must not be
+                raise ValueError(
+                    f"{key} looks like a credential; do not put it in the config: export it in the shell that runs "
+                    "`hyperjob submit` (jobs inherit that environment), or for the Hugging Face token use "
+                    "model.token_env or model.token_file"
+                )
         return v
 
 
