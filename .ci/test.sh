@@ -8,14 +8,8 @@ if [[ -n "${HYPERJOB_UPDATE_GOLDEN:-}" ]]; then
   echo "error: HYPERJOB_UPDATE_GOLDEN is set; unset it (update golden files by hand, then review the diff)" >&2
   exit 1
 fi
-# The tests must leave the tree as they found it (on CI's fresh clone: exactly the commit). The state is the
-# status, the diff of tracked files and a checksum of each untracked one.
-tree_state() {
-  git rev-parse --git-dir >/dev/null 2>&1 || return 0
-  git status --porcelain --untracked-files=all
-  git --no-pager diff HEAD
-  git ls-files --others --exclude-standard -z | xargs -0 -r sha1sum
-}
+# The tests must leave the tree as they found it (on CI's fresh clone: exactly the commit).
+tree_state() { bash .ci/tree-state.sh; }
 before="$(tree_state)"
 
 bash .ci/install.sh
