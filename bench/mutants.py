@@ -103,6 +103,8 @@ MUTANTS = [
 def clone(dest: Path) -> None:
     subprocess.run(["git", "clone", "-q", "--local", "--no-hardlinks", str(REPO), str(dest)], check=True)
     (dest / ".venv").symlink_to(REPO / ".venv")  # .ci/test.sh finds the installed environment
+    with (dest / ".git" / "info" / "exclude").open("a") as f:
+        f.write(".venv\n")  # a symlink: `/.venv/` in .gitignore matches only a directory
 
 
 def apply(m: Mutant, root: Path) -> None:
