@@ -60,7 +60,9 @@ MUTANTS = [
            (), command=("bash", "-c", "before=$(bash .ci/tree-state.sh); python -m pytest -q -x tests/test_render.py "
                         '-k golden && [[ "$(bash .ci/tree-state.sh)" == "$before" ]]')),
     Mutant("token-in-download-marker", "the HF token is never written to any file",
-           edit("hyperjob/stages/download.py", "PLACEHOLDER-set-after-helper-report", ""), ("tests/test_hub.py",)),
+           edit("hyperjob/stages/download.py", "write_marker(staging, repo_id, revision)",
+                'write_marker(staging, repo_id, f"{revision} {token}")'),
+           ("tests/test_hub.py::test_hub_token_reaches_the_hub_and_nowhere_else",)),
     Mutant("slurm-tests-skipped", "CI as root fails when a slurm test is skipped",
            edit("tests/fixtures_slurm.py", "    found = _answering_cluster()\n    started = False",
                 '    pytest.skip("mutant: no Slurm")\n    found = _answering_cluster()\n    started = False'),

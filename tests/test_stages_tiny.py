@@ -150,36 +150,91 @@ def test_hub_download_reads_token_at_run_time_and_is_atomic(
     assert FAKE_TOKEN not in out.out + out.err and FAKE_TOKEN not in RunPaths(run_dir).config.read_text()
 
 
+def _hub_error(status: int | None, headers: dict[str, str]) -> Exception:
+    """The exception huggingface_hub itself raises for this answer of the hub: its own `hf_raise_for_status` on a
+    real response, so the error mapping is tested against the library's classes, not a guess of their names.
+    `status=None`: the hub could not be reached, which `snapshot_download` reports as LocalEntryNotFoundError."""
+    import httpx2  # the HTTP client of the installed huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+    from huggingface_hub.utils import hf_raise_for_status
+
+    if status is None:
+        return LocalEntryNotFoundError(
+            "An error happened while trying to locate the files on the Hub, and we cannot find the appropriate"
+            " snapshot folder for the specified revision on the local disk."
+        )
+    url = "https://huggingface.co/api/models/acme/private/revision/main"  # what snapshot_download asks first
+    response = httpx2.Response(status, headers=headers, request=httpx2.Request("GET", url))
+    try:
+        hf_raise_for_status(response)
+    except Exception as exc:
+        return exc
+    raise AssertionError(f"huggingface_hub accepted HTTP {status} {headers}")
+
+
+_NO_ACCESS = "not found or no access (HTTP {}): check the id and the token"
+
+
 @pytest.mark.parametrize(
-    ("error", "expected"),
+    ("status", "headers", "error", "expected"),
     [
-        ("RepositoryNotFoundError", "not found or no access"),
-        ("GatedRepoError", "gated repository"),
-        ("ConnectionError", "network unreachable"),
+        pytest.param(
+            401, {"X-Error-Code": "RepoNotFound", "X-Error-Message": "Invalid username or password."},
+            "RepositoryNotFoundError", _NO_ACCESS.format(401), id="no-token",
+        ),
+        pytest.param(
+            401, {"X-Error-Message": "Invalid credentials in Authorization header"},
+            "HfHubHTTPError", _NO_ACCESS.format(401), id="bad-token",
+        ),
+        pytest.param(
+            404, {"X-Error-Code": "RepoNotFound"}, "RepositoryNotFoundError", _NO_ACCESS.format(404), id="no-repo",
+        ),
+        pytest.param(
+            403, {"X-Error-Code": "GatedRepo", "X-Error-Message": "Access to model acme/private is restricted."},
+            "GatedRepoError", "gated repository: accept its licence", id="gated",
+        ),
+        pytest.param(
+            404, {"X-Error-Code": "RevisionNotFound", "X-Error-Message": "Invalid rev id: main"},
+            "RevisionNotFoundError", "revision not found", id="no-revision",
+        ),
+        pytest.param(
+            403, {"X-Error-Message": "Forbidden"}, "HfHubHTTPError", "forbidden (HTTP 403): the token lacks access",
+            id="forbidden",
+        ),
+        pytest.param(None, {}, "LocalEntryNotFoundError", "network unreachable or hub offline", id="no-hub"),
     ],
-)
+)  # fmt: skip
 def test_hub_errors_are_one_line_without_token(
     make_tiny_run_dir: Any,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
+    status: int | None,
+    headers: dict[str, str],
     error: str,
     expected: str,
 ) -> None:
+    """Real huggingface_hub exceptions, whose text holds the token, become one line naming model, revision and
+    cause; none of that text, and so not the token, reaches the user."""
     import huggingface_hub
+    from huggingface_hub import errors
 
-    exc_type = type(error, (Exception,), {})
+    exc = _hub_error(status, headers)
+    assert type(exc) is getattr(errors, error)  # the library still answers this with that class
 
     def failing(**kwargs: Any) -> str:
         Path(kwargs["local_dir"]).mkdir(parents=True, exist_ok=True)
-        raise exc_type(f"401 for url with header Authorization: Bearer {kwargs['token']}")
+        exc.args = (f"{exc.args[0]}\nsent Authorization: Bearer {kwargs['token']}", *exc.args[1:])  # worst case
+        raise exc
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", failing)
     monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
     run_dir = make_tiny_run_dir(["model.id=acme/private"], with_model=False)
     assert download.main(["--run-dir", str(run_dir)]) == 2
     out = capsys.readouterr()
-    assert out.err.count("\n") == 1 and FAKE_TOKEN not in out.err + out.out
-    assert "model 'acme/private'" in out.err and expected in out.err
+    assert FAKE_TOKEN in str(exc)  # the message the product must not show holds the token
+    line = f"hyperjob download: error: cannot download model 'acme/private' (revision 'main'): {expected}"
+    assert out.err.startswith(line) and out.err.count("\n") == 1, out.err
+    assert FAKE_TOKEN not in out.err + out.out
     assert not base_model_dir(load_resolved(RunPaths(run_dir).config)).exists()
 
 

@@ -88,10 +88,10 @@ def _describe_hub_error(exc: BaseException, what: str) -> str:
     status = getattr(response, "status_code", None)
     if name == "GatedRepoError":
         reason = "gated repository: accept its licence on the hub and set a token with access"
+    elif name == "RevisionNotFoundError":  # before the status test: the hub answers a missing revision with 404
+        reason = "revision not found"
     elif name in ("RepositoryNotFoundError",) or status in (401, 404):
         reason = f"not found or no access (HTTP {status or '401/404'}): check the id and the token"
-    elif name == "RevisionNotFoundError":
-        reason = "revision not found"
     elif status == 403:
         reason = "forbidden (HTTP 403): the token lacks access"
     elif name in _NETWORK_ERRORS:
