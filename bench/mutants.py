@@ -44,7 +44,7 @@ TEMPLATE_NOTE = ("templates/_macros.sbatch.j2", "# Outcome record:", "# Outcome 
 MUTANTS = [
     Mutant("tilde-model-id", "a model.id like ~nobody/x is a ConfigError, not a traceback",
            edit("hyperjob/config/load.py", "except RuntimeError:  # `~name/...`", "except LookupError:  # `~name/...`"),
-           ("tests/test_hostile.py::test_known_dangerous_strings",)),
+           ("tests/test_hostile.py::test_dangerous_string_in_every_field",)),
     Mutant("cancel-never-calls-scancel", "cancel stops the run's Slurm jobs",
            edit("hyperjob/schedule/scheduler_slurm.py", "        if ids:\n            slurm.cancel(ids)",
                 "        pass"),

@@ -94,7 +94,7 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
             p = Path(value).expanduser()
         except RuntimeError:  # `~name/...` for a user this machine does not know
             user = value[1:].split("/", 1)[0]
-            problems.append((key, f"{value!r}: cannot expand '~{user}': no such user on this machine"))
+            problems.append((key, f"{value!r}: cannot expand {'~' + user!r}: no such user on this machine"))
             return value
         return str(p if p.is_absolute() else (base / p).resolve())
 
@@ -193,8 +193,21 @@ def load_resolved(path: Path | str) -> HyperjobConfig:
     return validate(read_yaml(path), str(path))
 
 
+class _Dumper(yaml.SafeDumper):
+    """PyYAML writes NEL (U+0085) raw inside single quotes and reads it back as a space; in double quotes it is
+    escaped, so such strings are written double-quoted and every value round-trips exactly."""
+
+
+def _represent_str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style='"' if "\x85" in value else None)
+
+
+_Dumper.add_representer(str, _represent_str)
+
+
 def dump_config(cfg: HyperjobConfig) -> str:
-    return yaml.safe_dump(cfg.model_dump(mode="json", exclude_none=False), sort_keys=False, allow_unicode=True)
+    data = cfg.model_dump(mode="json", exclude_none=False)
+    return yaml.dump(data, Dumper=_Dumper, sort_keys=False, allow_unicode=True)
 
 
 def config_hash(cfg: HyperjobConfig) -> str:

@@ -26,7 +26,9 @@ TINY_MODEL_ID = "tiny-llama"
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
 _SLURM_WORD = r"^[A-Za-z0-9][A-Za-z0-9._,:=+-]{0,127}$"
 _ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]{0,127}$"
-_SLURM_TIME = r"^(\d+-)?\d{1,3}(:\d{2}){0,2}$|^(\d+-)?\d{1,3}:\d{2}:\d{2}$|^UNLIMITED$|^INFINITE$"
+# ASCII digits ([0-9]: `\d` also matches other scripts' digits, which sbatch refuses) and at most 4 digits of days
+# (past 24855 days Slurm's seconds overflow and the limit silently wraps).
+_SLURM_TIME = r"^([0-9]{1,4}-)?[0-9]{1,3}(:[0-9]{2}){0,2}$|^UNLIMITED$|^INFINITE$"
 
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegInt = Annotated[int, Field(ge=0)]
@@ -172,6 +174,14 @@ class EnvironmentSection(_Model):
     )
     env: dict[str, str] = Field(default_factory=dict)
 
+    @field_validator("python", "train_python")
+    @classmethod
+    def _interpreter(cls, v: str | None) -> str | None:
+        """Scripts run `"$PYTHON"` as a command, or after srun's options: it must not read as an option or a job."""
+        if v is not None and v.startswith(("-", "%")):
+            raise ValueError("must not start with '-' or '%': srun would read it as its own option, bash as a job (fg)")
+        return v
+
     @field_validator("env")
     @classmethod
     def _env_names(cls, v: dict[str, str]) -> dict[str, str]:
@@ -229,6 +239,14 @@ class HyperjobConfig(_Model):
         if bad:
             raise ValueError(f"{bad[0]}: control characters (newline, tab, NUL...) are not allowed in this value")
         return data
+
+    @field_validator("workdir")
+    @classmethod
+    def _workdir(cls, v: Path) -> Path:
+        """Logs go to an `#SBATCH --output` path in workdir: Slurm drops a backslash there, and stops expanding %j."""
+        if "\\" in str(v):
+            raise ValueError("a backslash is not allowed: Slurm would drop it from the job log path (--output)")
+        return v
 
     @field_validator("stages")
     @classmethod

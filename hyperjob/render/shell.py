@@ -7,6 +7,7 @@ has composed itself from already-quoted parts.
 
 from __future__ import annotations
 
+import re
 import shlex
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,7 +31,13 @@ def quote(value: Any) -> str:
         return str(value)
     if value is None:
         raise ValueError("a template interpolated None: the renderer must not pass optional values unchecked")
-    return shlex.quote(str(value))
+    text = str(value)
+    if "\\" in text:
+        # sbatch reads `#SBATCH` lines with its own quoting, where a backslash escapes the next character even inside
+        # single quotes, so shlex's '...\...' loses it there. In double quotes with \ " $ ` escaped, bash and sbatch
+        # both read the text back unchanged.
+        return '"' + re.sub(r'([\\"$`])', r"\\\1", text) + '"'
+    return shlex.quote(text)
 
 
 def quote_list(values: Any) -> Raw:
