@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from types import FrameType
@@ -29,6 +30,7 @@ from hyperjob.schedule.states import StageState
 _SLURM_PREFIXES = ("SLURM_", "SBATCH_", "SRUN_", "SALLOC_")
 STOP_GRACE_S = 10.0  # SIGTERM first, so the stage's EXIT trap records how it ended; SIGKILL after this
 START_TIMEOUT_S = 60.0
+_HELD_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 def local_env(job_id: str | None = None) -> dict[str, str]:
@@ -49,14 +51,31 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
             return
 
 
+@contextlib.contextmanager
+def _signals_held() -> Iterator[list[int]]:
+    """Collect SIGTERM and SIGINT instead of acting on them while a stage starts. Raised inside Popen, after the fork,
+    the executor's exception would lose the new stage's pid and leave the stage running without its executor."""
+    held: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, _frame: held.append(signum)) for sig in _HELD_SIGNALS}
+    try:
+        yield held
+    finally:
+        for sig, handler in previous.items():
+            if handler is not None:  # None: installed outside Python, and gone for good once replaced
+                signal.signal(sig, handler)
+
+
 def _run_script(run_dir: Path, script: str, job_id: str | None, log: Path) -> int:
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("ab") as out:
-        proc = subprocess.Popen(
-            ["bash", str(run_dir / script)], cwd=run_dir, env=local_env(job_id), stdout=out, stderr=out,
-            start_new_session=True,
-        )  # fmt: skip
+        with _signals_held() as held:
+            proc = subprocess.Popen(
+                ["bash", str(run_dir / script)], cwd=run_dir, env=local_env(job_id), stdout=out, stderr=out,
+                start_new_session=True,
+            )  # fmt: skip
         try:
+            for signum in held:
+                signal.raise_signal(signum)  # now the executor's own handler acts, with the stage's pid known
             return proc.wait()
         except BaseException:
             _stop(proc)
