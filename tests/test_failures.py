@@ -50,7 +50,9 @@ def test_cancel_slurm_run(tmp_path: Path, slurm_cluster: SlurmCluster) -> None:
 
 def test_cancel_local_background_run(tmp_path: Path) -> None:
     """cancel stops the executor and every process of the stage it was running: bash, torchrun, python."""
-    out = hyperjob("submit", str(config(tmp_path, ["download", "train", "merge"])), "--scheduler", "local")
+    endless = {"epochs": 10_000}  # train outlasts the test: only cancel can end it
+    out = hyperjob("submit", str(config(tmp_path, ["download", "train", "merge"], training=endless)), "--scheduler",
+                   "local")  # fmt: skip
     assert out.returncode == 0, out.stderr
     run_dir = only_run_dir(tmp_path)
     deadline = time.monotonic() + 120
