@@ -65,10 +65,14 @@ def wait_for(what: str, done: Callable[[], bool], timeout: float = 120.0, poll: 
 
 
 def slow_python(tmp_path: Path, delay: float, ticks: int = 0) -> Path:
-    """A stand-in interpreter that waits (printing `tick N` lines if asked) before running the real one."""
+    """A stand-in interpreter that waits (printing `tick N` lines if asked) before running the real one.
+
+    It first touches `<tmp_path>/slow-python.started`: under Slurm, srun has then started the step.
+    """
     path = tmp_path / "slow-python"
     body = "".join(f"echo 'tick {i}'; sleep {delay / max(ticks, 1)}\n" for i in range(1, ticks + 1))
-    path.write_text(f'#!/bin/bash\n{body or f"sleep {delay}"}\nexec {sys.executable} "$@"\n')
+    start = f"touch {path}.started\n"
+    path.write_text(f'#!/bin/bash\n{start}{body or f"sleep {delay}"}\nexec {sys.executable} "$@"\n')
     path.chmod(0o755)
     return path
 

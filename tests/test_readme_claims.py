@@ -184,7 +184,8 @@ def test_wait_survives_a_controller_restart(tmp_path: Path, slurm_cluster: Slurm
     wait = subprocess.Popen([sys.executable, "-m", "hyperjob", "submit", str(cfg), "--scheduler", "slurm", "--wait",
                              "--poll", "1"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
     try:
-        wait_for("the stage to start", lambda: any((tmp_path / "work" / "runs").glob("*/logs/01-download-*.out")))
+        # The step must be running: an srun that starts while the controller is down fails its job, as it should.
+        wait_for("srun to start the stage", (tmp_path / "slow-python.started").exists)
         pid = _slurmctld_pid(conf)
         os.kill(pid, signal.SIGTERM)
         wait_for("slurmctld to stop", lambda: not Path(f"/proc/{pid}").exists(), timeout=60)

@@ -484,6 +484,19 @@ def test_slurm_query_and_cancel_ask_only_about_open_stages(tmp_path: Path, fake_
     assert len(calls(fake_slurm)) == before  # nothing open: no command at all
 
 
+def test_slurm_query_reports_signals_and_no_reason(tmp_path: Path, fake_slurm: Path) -> None:
+    m = manifest_of(tmp_path, "slurm", train=rec(2, S.RUNNING, "101"), merge=rec(3, S.RUNNING, "102"))
+    (fake_slurm / "squeue.out").write_text("101|RUNNING|0:05|vm|None\n")
+    (fake_slurm / "scontrol-102.out").write_text(
+        "JobId=102 JobName=r.merge JobState=TIMEOUT Reason=TimeLimit ExitCode=0:15 RunTime=00:01:27 "
+        "StartTime=2026-11-23T22:41:43 NodeList=vm StdOut=/dev/null Power=\n"
+    )
+    assert SLURM.query(tmp_path, m) == {
+        "train": LiveState(S.RUNNING, "", None),  # squeue's "None" reason is no reason
+        "merge": LiveState(S.TIMEOUT, "TimeLimit", "0:15"),  # killed by SIGTERM at the time limit
+    }
+
+
 # --- hyperjob.schedule.slurm: how commands are run and how they fail ------------------------------
 
 
@@ -654,16 +667,17 @@ def test_run_local_runs_each_stage_in_its_run_dir(
 ) -> None:
     monkeypatch.setenv("SLURM_JOB_ID", "99")
     run_dir = tmp_path / "run"
-    local_run(
+    m = local_run(
         run_dir,
         {
-            "download": 'echo "to stdout"; echo "to stderr" >&2\n'
+            "download": 'echo "to stdout"; echo "to stderr" >&2; cp manifest.json during.json\n'
             'echo "$PWD|$HYPERJOB_EXECUTOR|$HYPERJOB_JOB_ID|${SLURM_JOB_ID-unset}|$(ps -o pgid= $$)" >env.txt',
             "train": "touch train.ran",
             "merge": "touch merge.ran",
         },
         done=("train",),
     )
+    write_manifest(run_dir, m.with_stage(replace(m.stages[0], reason="requeued by an earlier executor")))
     assert local.run_local(run_dir) is True
     m = read_manifest(run_dir)
     assert (m.local_pid, m.local_host, m.local_start) == (os.getpid(), socket.gethostname(), start_ticks(os.getpid()))
@@ -677,6 +691,13 @@ def test_run_local_runs_each_stage_in_its_run_dir(
     assert first.log == str(run_dir / "logs" / "01-download-local-1.out")
     assert first.started is not None and first.ended is not None and first.started <= first.ended
     assert Path(first.log).read_text() == "to stdout\nto stderr\n"
+    during = Manifest.from_json((run_dir / "during.json").read_text())  # what `status` saw while download ran
+    assert [(r.state, r.reason, r.log) for r in during.stages] == [
+        (S.RUNNING, "", first.log),
+        (S.COMPLETED, "", None),
+        (S.PENDING, "", None),
+    ]
+    assert during.stages[0].started == first.started and during.stages[0].ended is None
     cwd, executor, job, slurm_job, pgid = (run_dir / "env.txt").read_text().strip().split("|")
     assert (cwd, executor, job, slurm_job) == (str(run_dir), "local", "local-1", "unset")
     assert int(pgid) != os.getpgid(0)  # each stage in its own process group
@@ -740,6 +761,27 @@ def test_sigterm_stops_the_executor_and_its_stage(tmp_path: Path) -> None:
     ]
     assert pid_gone(int((tmp_path / "child.pid").read_text()))
     assert not (tmp_path / "merge.ran").exists()
+
+
+def test_sigterm_while_a_stage_starts_still_stops_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SIGTERM arriving after the fork but before Popen returns (a stage that starts fast, a loaded machine) used to
+    raise inside Popen: the executor exited without the new stage's pid and left the stage running."""
+    local_run(tmp_path, {"download": "exec sleep 30"})
+    real_popen = subprocess.Popen
+    started: list[int] = []
+
+    def popen_then_sigterm(*args: object, **kwargs: object) -> subprocess.Popen[bytes]:
+        proc = real_popen(*args, **kwargs)  # type: ignore[call-overload]
+        started.append(proc.pid)
+        os.kill(os.getpid(), signal.SIGTERM)  # delivered before Popen has returned to the executor
+        return proc  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(local.subprocess, "Popen", popen_then_sigterm)
+    with pytest.raises(SystemExit) as info:
+        local.run_local(tmp_path)
+    assert info.value.code == 128 + signal.SIGTERM
+    assert pid_gone(started[0])
+    assert read_manifest(tmp_path).stages[0].state is S.CANCELLED
 
 
 def test_a_stage_that_ignores_sigterm_is_killed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -878,7 +920,15 @@ def test_local_scheduler_in_the_background(tmp_path: Path, monkeypatch: pytest.M
 
 def test_spawn_detached_reads_no_stdin(tmp_path: Path) -> None:
     fresh_local_run(tmp_path, {"download": "sleep 1"})
-    proc = local.spawn_detached(tmp_path)
+    read_end, write_end = os.pipe()  # `submit` run with a pipe (or a terminal) as its stdin
+    saved_stdin = os.dup(0)
+    os.dup2(read_end, 0)
+    try:
+        proc = local.spawn_detached(tmp_path)
+    finally:
+        os.dup2(saved_stdin, 0)
+        for fd in (saved_stdin, read_end, write_end):
+            os.close(fd)
     try:
         assert os.readlink(f"/proc/{proc.pid}/fd/0") == "/dev/null"
         local.await_start(tmp_path, proc)
@@ -1011,6 +1061,7 @@ class Clock:
         return self.now
 
     def sleep(self, seconds: float) -> None:
+        assert len(self.sleeps) < 50, "wait_run kept polling"
         self.sleeps.append(seconds)
         self.now += seconds
 
