@@ -12,6 +12,8 @@ from pathlib import Path
 
 import jinja2
 import pytest
+from test_render import CASES as GOLDEN_CASES
+from test_render import GOLDEN, PINNED, RUN_DIR
 
 from hyperjob import __version__, backends
 from hyperjob.config.load import load_config
@@ -24,21 +26,7 @@ from hyperjob.resources import shipped_dir
 from hyperjob.stage_table import spec
 
 REPO = Path(__file__).resolve().parent.parent
-GOLDEN = REPO / "tests" / "golden"
-RUN_DIR = Path("/shared/work/runs/RUN")
-PINNED = ["workdir=/shared/work", "environment.python=/opt/venv/bin/python"]
-
-# The cases of test_render.py's golden files: every example and backend, multi-node, container.
-CASES = {
-    "tiny-cpu": ("tiny-cpu", []),
-    "trainium": ("trainium-llama3-8b", []),
-    "trainium-2node": ("trainium-llama3-8b", ["cluster.nodes=2", "cluster.account=ml-team", "cluster.qos=high"]),
-    "gpu": ("gpu-llama3-8b", []),
-    "gpu-container": (
-        "gpu-llama3-8b",
-        ["cluster.container_image=nvcr.io#nvidia/pytorch:25.01-py3", "cluster.sbatch_extra=[--gres=gpu:8]"],
-    ),
-}
+CASES = {case: (example, overrides) for case, example, overrides in GOLDEN_CASES}  # test_render.py's own table
 
 
 def config(example: str, *overrides: str) -> HyperjobConfig:
