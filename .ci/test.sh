@@ -13,6 +13,8 @@ tree_state() { bash .ci/tree-state.sh; }
 before="$(tree_state)"
 
 bash .ci/install.sh
+# The second venv with optimum-neuron[training]==0.4.5 for tests/test_neuron_upstream.py (cached between runs).
+bash .ci/install-neuron-venv.sh >/dev/null
 
 # A real Slurm for the tests marked `slurm` (needs root; they skip without it).
 started_slurm=0

@@ -146,11 +146,11 @@ def test_status_of_a_dry_run(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert main(["status", str(tmp_path)]) == 2
 
 
-def test_neuron_training_is_announced_before_queueing(tmp_path: Path) -> None:
-    sets = [f"--set=workdir={tmp_path / 'work'}", "--set=environment.python=/usr/bin/python3"]
-    out = hyperjob("submit", str(TRN), "--dry-run", *sets)
-    assert out.returncode == 0 and "warning" not in out.stderr
+def test_an_unbuilt_neuron_environment_is_announced_before_queueing(tmp_path: Path) -> None:
+    venv = tmp_path / "venv-neuron"
+    sets = [f"--set=workdir={tmp_path / 'work'}", f"--set=environment.python={venv}/bin/python"]
     bare = tmp_path / "bin"
     bare.mkdir()
     out = hyperjob("submit", str(TRN), "--scheduler", "slurm", *sets, env={**os.environ, "PATH": str(bare)})
-    assert "the Trainium training entry (optimum-neuron) is not in this version yet" in out.stderr
+    assert f"{venv} is not a Neuron environment built by this hyperjob" in out.stderr
+    assert "hyperjob env CONFIG" in out.stderr

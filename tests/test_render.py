@@ -124,13 +124,14 @@ def test_quote(value: object, expected: str) -> None:
     assert quote(value) == expected
 
 
-STAGE_CALL = re.compile(r'-m (hyperjob\.stages\.\w+) --run-dir "\$RUN_DIR"((?: --[\w-]+)*)')
+STAGE_CALL = re.compile(r'-m (hyperjob\.stages\.\w+) --run-dir "\$RUN_DIR"((?: [\w-]+)*)')
 
 
 def test_rendered_stage_calls_match_the_stage_entry_points(tmp_path: Path) -> None:
     """Every `python -m hyperjob.stages.X ...` a script runs exists and accepts exactly those arguments."""
     calls = {m.groups() for _, st in all_scripts() for m in STAGE_CALL.finditer(st.text)}
-    assert {c[0].rsplit(".", 1)[1] for c in calls} == {"download", "train", "consolidate", "merge", "evaluate"}
+    stages = {"download", "train", "consolidate", "merge", "evaluate", "compile_cache"}
+    assert {c[0].rsplit(".", 1)[1] for c in calls} == stages
     for module, extra in sorted(calls):
         missing = tmp_path / "no-such-run"
         proc = subprocess.run(

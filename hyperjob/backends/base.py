@@ -9,11 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from hyperjob.backends.catalogue import InstanceType
 from hyperjob.config.load import ConfigError
 from hyperjob.config.models import HyperjobConfig
 from hyperjob.model_facts import ModelFacts
+from hyperjob.paths import RunPaths
 from hyperjob.stage_table import StageSpec
 
 TRAIN_GROUP = "train"
@@ -26,7 +28,8 @@ class Runtime:
     `device`: the torch device type. `distributed`: the torch.distributed backend between processes. `bf16`:
     whether training.bf16 is honoured (else training runs in float32 and says so). `load_on_local_rank`: load the
     weights straight onto this rank's device (N ranks x a full host copy can exhaust host memory).
-    `train_unavailable`: why this version's train entry cannot train here (the stage fails with that message).
+    `trainer`: the module whose `train(paths, cfg, compile_only)` trains on this backend; None: the transformers
+    Trainer of hyperjob.stages.train.
     """
 
     device: str = "cpu"
@@ -34,7 +37,19 @@ class Runtime:
     bf16: bool = False
     pad_to_multiple_of: int | None = None
     load_on_local_rank: bool = False
-    train_unavailable: str | None = None
+    trainer: str | None = None
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The planned parallel layout, as the train arguments need it; the planner builds it (Plan.layout), so the
+    backends, which the planner sits above, never import the planner."""
+
+    tensor: int
+    pipeline: int
+    world_size: int
+    kv_size_multiplier: int | None
+    model: ModelFacts | None
 
 
 class Backend:
@@ -86,6 +101,18 @@ class Backend:
 
     def warnings(self, cfg: HyperjobConfig, stages: Sequence[str]) -> list[str]:
         """What a user should hear before queueing these stages on this backend."""
+        return []
+
+    def train_arguments(
+        self, cfg: HyperjobConfig, layout: Layout, paths: RunPaths, compile_only: bool
+    ) -> dict[str, Any]:
+        """What the train entry passes to the trainer config, peft and the model loader (pure; `--print-args`)."""
+        from hyperjob.backends.train_args import hf_arguments
+
+        return hf_arguments(cfg, layout, paths, self.runtime)
+
+    def plan_rows(self, cfg: HyperjobConfig) -> list[tuple[str, str]]:
+        """Backend-specific rows for `hyperjob plan` (an environment to build, versions it pins)."""
         return []
 
     def template_vars(self, cfg: HyperjobConfig, stage: StageSpec) -> Mapping[str, str | int]:

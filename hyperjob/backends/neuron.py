@@ -9,16 +9,18 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
-from hyperjob.backends.base import Backend, Runtime
+from hyperjob.backends.base import Backend, Layout, Runtime
+from hyperjob.backends.neuron_args import COMPILE_STEPS, neuron_arguments
+from hyperjob.backends.neuron_env import RECORD_NAME, plan_rows, read_record, record_is_current, venv_of
+from hyperjob.backends.neuron_lora import neuron_targets
 from hyperjob.config.load import ConfigError
 from hyperjob.config.models import HyperjobConfig
 from hyperjob.model_facts import ModelFacts
-from hyperjob.paths import compile_cache_dir
-from hyperjob.stage_table import StageSpec
+from hyperjob.paths import RunPaths, compile_cache_dir
+from hyperjob.stage_table import StageSpec, spec
 
-# Short compile runs still trace every distinct graph of a training step.
-COMPILE_STEPS = 10
 COMPILE_STAGE = "compile"
 PARALLEL_COMPILE = "neuron_parallel_compile"
 
@@ -73,8 +75,8 @@ class NeuronBackend(Backend):
         device="xla",
         distributed="xla",
         bf16=True,
-        train_unavailable="training on backend 'neuron' needs the Trainium entry (optimum-neuron), "
-        "not shipped in this version yet",
+        pad_to_multiple_of=None,
+        trainer="hyperjob.stages.train_neuron",
     )
 
     def check_layout(self, cfg: HyperjobConfig, world: int, facts: ModelFacts | None) -> int | None:
@@ -86,7 +88,31 @@ class NeuronBackend(Backend):
         if cfg.training.seq_len % tp:
             msg = f"{cfg.training.seq_len} must be a multiple of tensor={tp} (sequence parallelism)"
             raise ConfigError([("training.seq_len", msg)])
+        neuron_targets(cfg.lora.target_modules, facts, tp)  # upstream's fused-layer rules, before queueing
         return kv_mult
+
+    def warnings(self, cfg: HyperjobConfig, stages: Sequence[str]) -> list[str]:
+        """Say before queueing when the training interpreter is not a hyperjob-built Neuron environment."""
+        if not {COMPILE_STAGE, "train"} & set(stages):
+            return []
+        venv = venv_of(self.python(cfg, spec("train")))
+        record = read_record(venv) if venv is not None else None
+        if record is not None and record_is_current(record):
+            return []
+        where = venv if venv is not None else self.python(cfg, spec("train"))
+        return [
+            f"backend 'neuron': {where} is not a Neuron environment built by this hyperjob (no current "
+            f"{RECORD_NAME}); build it first with `hyperjob env CONFIG`, or the compile and train stages will "
+            "refuse the versions they find"
+        ]
+
+    def plan_rows(self, cfg: HyperjobConfig) -> list[tuple[str, str]]:
+        return plan_rows()
+
+    def train_arguments(
+        self, cfg: HyperjobConfig, layout: Layout, paths: RunPaths, compile_only: bool
+    ) -> dict[str, Any]:
+        return neuron_arguments(cfg, layout, paths, compile_only)
 
     def launch_wrapper(self, cfg: HyperjobConfig, stage: StageSpec) -> tuple[str, ...]:
         """The compile stage runs the training command under neuron_parallel_compile, from the Neuron venv."""
@@ -98,15 +124,6 @@ class NeuronBackend(Backend):
     def env(self, cfg: HyperjobConfig, stage: StageSpec) -> list[tuple[str, str]]:
         env = super().env(cfg, stage)
         return env + neuron_env(cfg, stage) if stage.distributed else env
-
-    def warnings(self, cfg: HyperjobConfig, stages: Sequence[str]) -> list[str]:
-        if self.runtime.train_unavailable and {COMPILE_STAGE, "train"} & set(stages):
-            # Say so up front rather than after the download: the queue would stop at the compile stage.
-            return [
-                "backend 'neuron': the Trainium training entry (optimum-neuron) is not in this version yet, so the "
-                "compile and train stages will fail; `hyperjob consolidate` handles checkpoints you already have"
-            ]
-        return []
 
     def template_vars(self, cfg: HyperjobConfig, stage: StageSpec) -> Mapping[str, str | int]:
         return {"compile_steps": COMPILE_STEPS}

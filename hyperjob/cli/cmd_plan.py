@@ -5,9 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
+from hyperjob import backends
 from hyperjob.cli.common import CliError, add_config_args, load_and_plan, table
-from hyperjob.plan.planner import describe, total_steps
+from hyperjob.config.models import HyperjobConfig
+from hyperjob.paths import RunPaths
+from hyperjob.plan.planner import Plan, describe, total_steps
 from hyperjob.schedule.run import write_run_dir
 
 
@@ -19,6 +23,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     )
     add_config_args(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument(
+        "--show-args",
+        action="store_true",
+        help="also print, as JSON, the exact keyword arguments the train entry passes to the trainer config, "
+        "the LoRA config and the model loader (what `python -m hyperjob.stages.train --print-args` prints in a run)",
+    )
     p.set_defaults(func=cmd_plan)
 
     r = sub.add_parser(
@@ -30,6 +40,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     add_config_args(r)
     r.add_argument("--out", type=Path, required=True, metavar="DIR", help="new directory to write into")
     r.set_defaults(func=cmd_render)
+
+
+def _train_args(cfg: HyperjobConfig, plan: Plan) -> dict[str, Any]:
+    """The train stage's arguments for a run that does not exist yet: paths show `<run-dir>`."""
+    return backends.get(cfg.backend).train_arguments(
+        cfg, plan.layout(), RunPaths(Path("<run-dir>")), compile_only=False
+    )
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -52,12 +69,17 @@ def cmd_plan(args: argparse.Namespace) -> int:
             "stages": list(plan.stages),
             "notes": list(plan.notes),
         }
+        if args.show_args:
+            data["train_args"] = _train_args(cfg, plan)
         print(json.dumps(data, indent=2))
         return 0
     print(f"plan for {cfg.name} ({args.config})")
     print(table(describe(plan, cfg)))
     for note in plan.notes:
         print(f"note: {note}")
+    if args.show_args:
+        print("train stage arguments:")
+        print(json.dumps(_train_args(cfg, plan), indent=2, sort_keys=True))
     return 0
 
 

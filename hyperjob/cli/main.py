@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 
 from hyperjob import __version__
-from hyperjob.cli import cmd_checkpoint, cmd_init, cmd_plan, cmd_run, cmd_submit
+from hyperjob.cli import cmd_checkpoint, cmd_env, cmd_init, cmd_plan, cmd_run, cmd_submit
 from hyperjob.cli.common import CliError, err
 from hyperjob.schedule.base import SchedulerError
 
@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"hyperjob {__version__}")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
     sub.required = True
-    for module in (cmd_init, cmd_plan, cmd_submit, cmd_run, cmd_checkpoint):
+    for module in (cmd_init, cmd_plan, cmd_submit, cmd_run, cmd_checkpoint, cmd_env):
         module.add_parsers(sub)
     return parser
 

@@ -131,8 +131,9 @@ class LoraSection(_Model):
         if not v:
             raise ValueError("target_modules must name at least one module")
         for name in v:
-            if not name.replace("_", "").replace(".", "").isalnum():
-                raise ValueError(f"module name {name!r} may hold only letters, digits, '_' and '.'")
+            if name != "all-linear" and not name.replace("_", "").replace(".", "").isalnum():
+                msg = f"module name {name!r} may hold only letters, digits, '_' and '.' (or be 'all-linear')"
+                raise ValueError(msg)
         return v
 
 

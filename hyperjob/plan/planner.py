@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass
 
 from hyperjob import backends
+from hyperjob.backends.base import Layout
 from hyperjob.backends.catalogue import InstanceType, known_names, lookup
 from hyperjob.config.load import ConfigError
 from hyperjob.config.models import HyperjobConfig
@@ -37,6 +38,10 @@ class Plan:
     dataset_rows: int | None
     stages: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
+
+    def layout(self) -> Layout:
+        """What the backends' train arguments need of this plan."""
+        return Layout(self.tensor, self.pipeline, self.world_size, self.kv_size_multiplier, self.model)
 
     @property
     def world_size(self) -> int:
@@ -145,4 +150,4 @@ def describe(plan: Plan, cfg: HyperjobConfig) -> list[tuple[str, str]]:
         ("total steps", "unknown" if steps is None else str(steps)),
         ("stages", " -> ".join(plan.stages)),
     ]
-    return rows
+    return rows + backends.get(plan.backend).plan_rows(cfg)

@@ -39,6 +39,7 @@ class StageContext:
     exclusive: bool
     sbatch_options: tuple[str, ...]
     env: tuple[tuple[str, str], ...]
+    unset_env: tuple[str, ...]
     srun_extra: str
     procs_per_node: int
     world_size: int
@@ -118,6 +119,7 @@ def stage_context(cfg: HyperjobConfig, plan: Plan, run_dir: Path, stage: str, in
         exclusive=cfg.cluster.exclusive and row.distributed,
         sbatch_options=_sbatch_options(cfg),
         env=stage_env(cfg, backend, row),
+        unset_env=(cfg.model.token_env,) if cfg.model.token_env and not row.hub else (),
         srun_extra=_srun_extra(cfg),
         procs_per_node=plan.procs_per_node,
         world_size=plan.world_size,

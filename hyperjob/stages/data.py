@@ -293,17 +293,26 @@ def pad_id_of(tokenizer: Any) -> int:
 
 
 class PadCollator:
-    """Right-pad a batch to its longest example: labels with IGNORE_INDEX, attention mask with 0."""
+    """Right-pad a batch to its longest example: labels with IGNORE_INDEX, attention mask with 0.
 
-    def __init__(self, pad_id: int, pad_to_multiple_of: int | None = None) -> None:
+    `length`: pad every batch to exactly this many tokens instead (XLA compiles one graph per input shape, so
+    Trainium needs every batch the same shape as the compile run's).
+    """
+
+    def __init__(self, pad_id: int, pad_to_multiple_of: int | None = None, length: int | None = None) -> None:
         self.pad_id = pad_id
         self.multiple = pad_to_multiple_of
+        self.length = length
 
     def __call__(self, batch: Sequence[Mapping[str, Sequence[int]]]) -> dict[str, Any]:
         import torch
 
         longest = max(len(ex["input_ids"]) for ex in batch)
-        if self.multiple:
+        if self.length is not None:
+            if longest > self.length:
+                raise DataError(f"an example has {longest} tokens, more than the fixed length {self.length}")
+            longest = self.length
+        elif self.multiple:
             longest = -(-longest // self.multiple) * self.multiple
         out: dict[str, list[list[int]]] = {"input_ids": [], "labels": [], "attention_mask": []}
         for ex in batch:

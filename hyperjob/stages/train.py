@@ -1,8 +1,11 @@
-"""Train stage (cpu and cuda backends): LoRA fine-tuning with `transformers.Trainer`, resumable.
+"""Train stage: LoRA fine-tuning, the entry of every backend.
 
-Launched as `torchrun ... -m hyperjob.stages.train --run-dir RUN_DIR`; every process runs this module and
-Trainer/accelerate provide data parallelism (gloo on CPU, NCCL on GPUs). Checkpoints go to
-`RunPaths.checkpoints`; a rerun (for example after a Slurm requeue) resumes from the newest complete one.
+Launched as `torchrun ... -m hyperjob.stages.train --run-dir RUN_DIR`; every process runs this module. The
+backend's arguments (trainer config, LoRA config, model loader) are built as data by the backend, so
+`--print-args` shows them without importing torch; the backend's Runtime.trainer trains (Trainium:
+hyperjob.stages.train_neuron). The transformers Trainer here serves cpu and cuda: Trainer/accelerate provide data
+parallelism (gloo on CPU, NCCL on GPUs), checkpoints go to `RunPaths.checkpoints`, and a rerun (for example after
+a Slurm requeue) resumes from the newest complete one.
 """
 
 from __future__ import annotations
@@ -10,18 +13,20 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import importlib
+import json
 import math
 import os
-import re
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from hyperjob import backends, stage_table
-from hyperjob.backends.base import Runtime
 from hyperjob.config.models import HyperjobConfig
 from hyperjob.fsutil import atomic_dir, write_json
 from hyperjob.paths import RunPaths, base_model_dir
+from hyperjob.plan.planner import make_plan, total_steps
 from hyperjob.stages.common import (
     StageError,
     dtype_kwargs,
@@ -31,81 +36,29 @@ from hyperjob.stages.common import (
     setup_logging,
     world_size,
 )
+from hyperjob.stages.lora_check import check_lora_applied
+from hyperjob.stages.resume import ResumePoint, resume_point
 
-_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 SUMMARY_NAME = "train_summary.json"
 
 
-def newest_checkpoint(checkpoints: Path) -> Path | None:
-    """The highest-numbered `checkpoint-N` whose trainer_state.json exists (Trainer writes it last)."""
-    if not checkpoints.is_dir():
-        return None
-    found = []
-    for p in checkpoints.iterdir():
-        m = _CHECKPOINT.match(p.name)
-        if m and p.is_dir() and (p / "trainer_state.json").is_file():
-            found.append((int(m.group(1)), p))
-    return max(found)[1] if found else None
-
-
-def _training_arguments(cfg: HyperjobConfig, paths: RunPaths, runtime: Runtime, use_bf16: bool) -> Any:
+def _training_arguments(args: dict[str, Any]) -> Any:
     import transformers
 
-    t = cfg.training
-    fields = {f.name for f in dataclasses.fields(transformers.TrainingArguments)}
-    kwargs: dict[str, Any] = {
-        "output_dir": str(paths.checkpoints),
-        "per_device_train_batch_size": t.micro_batch,
-        "gradient_accumulation_steps": t.grad_accum,
-        "learning_rate": t.lr,
-        "lr_scheduler_type": t.schedule,
-        "warmup_steps": t.warmup,
-        "weight_decay": t.weight_decay,
-        "num_train_epochs": t.epochs,
-        "max_steps": t.max_steps,
-        "save_strategy": "steps",
-        "save_steps": t.save_steps,
-        "logging_strategy": "steps",
-        "logging_steps": t.logging_steps,
-        "seed": t.seed,
-        "data_seed": t.seed,
-        "bf16": use_bf16,
-        "report_to": "none",
-        "remove_unused_columns": False,  # our collator already yields exactly the model's inputs
-        "disable_tqdm": True,  # progress bars garble Slurm logs; the printer callback logs each step instead
-        "ddp_find_unused_parameters": False,
-        "include_num_input_tokens_seen": "non_padding",
-    }
-    # transformers 5.x renamed gradient_checkpointing to activation_checkpointing (old name deprecated).
-    gc_name = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
-    kwargs[gc_name] = t.gradient_checkpointing
-    if t.gradient_checkpointing:
-        kwargs[f"{gc_name}_kwargs"] = {"use_reentrant": False}  # reentrant checkpointing loses LoRA grads
-    if runtime.device == "cpu":
-        kwargs["use_cpu"] = True
-    if world_size() > 1:  # the backend's choice, not accelerate's guess from the device
-        kwargs["ddp_backend"] = runtime.distributed
-    return transformers.TrainingArguments(**kwargs)
+    return transformers.TrainingArguments(**args["trainer_config"])
 
 
-def _load_model(base: Path, cfg: HyperjobConfig, runtime: Runtime, dtype: Any) -> Any:
+def _load_model(base: Path, cfg: HyperjobConfig, args: dict[str, Any], dtype: Any) -> Any:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    kwargs: dict[str, Any] = dtype_kwargs(dtype)
-    if runtime.load_on_local_rank:  # straight onto this rank's device: N ranks x a full host copy can exhaust memory
-        kwargs.update(device_map={"": int(os.environ.get("LOCAL_RANK", "0"))}, low_cpu_mem_usage=True)
+    kwargs: dict[str, Any] = {**args["model_loader"]["kwargs"], **dtype_kwargs(dtype)}
+    if kwargs.get("device_map") == "local rank":  # straight onto this rank's device: N ranks x a host copy is a lot
+        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
     model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
     model.config.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing
-    lora = LoraConfig(
-        r=cfg.lora.r,
-        lora_alpha=cfg.lora.alpha,
-        lora_dropout=cfg.lora.dropout,
-        target_modules=list(cfg.lora.target_modules),
-        task_type="CAUSAL_LM",
-    )
     try:
-        return get_peft_model(model, lora)
+        return get_peft_model(model, LoraConfig(**args["lora_config"]))
     except ValueError as e:
         raise StageError(f"lora.target_modules {list(cfg.lora.target_modules)} do not fit {base}: {e}") from None
 
@@ -121,13 +74,10 @@ def _last_logged_loss(log_history: list[dict[str, Any]]) -> float | None:
     return None
 
 
-def _train(paths: RunPaths, cfg: HyperjobConfig, *, compile_only: bool = False) -> int:
+def train(paths: RunPaths, cfg: HyperjobConfig, compile_only: bool = False) -> int:
+    """The transformers Trainer entry (backends cpu and cuda)."""
     log = setup_logging("train")
     runtime = backends.get(cfg.backend).runtime
-    if runtime.train_unavailable:
-        raise StageError(runtime.train_unavailable)
-    if compile_only and not stage_table.spec("compile").available_for(cfg.backend):
-        raise StageError(f"--compile precompiles Neuron graphs; it does not apply to backend {cfg.backend!r}")
     started = time.monotonic()
     base = base_model_dir(cfg)
     require_model_dir(base, "base model", "run the download stage first")
@@ -160,17 +110,19 @@ def _train(paths: RunPaths, cfg: HyperjobConfig, *, compile_only: bool = False) 
         stats.skipped_no_labels,
     )
 
-    args = _training_arguments(cfg, paths, runtime, use_bf16)
+    arguments = train_arguments(paths, cfg)
+    args = _training_arguments(arguments)
     mode = f"DDP over {torch.distributed.get_backend()}" if args.world_size > 1 else "single process"
     log.info("world size %d (%s), dtype %s", args.world_size, mode, _name(dtype))
 
-    model = _load_model(base, cfg, runtime, dtype)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    log.info("LoRA r=%d: %d trainable of %d parameters", cfg.lora.r, trainable, model.num_parameters())
+    model = _load_model(base, cfg, arguments, dtype)
+    trainable, total = check_lora_applied(model)
+    log.info("LoRA r=%d: %d trainable of %d parameters", cfg.lora.r, trainable, total)
 
-    resume = newest_checkpoint(paths.checkpoints)
-    if resume is not None:
-        log.info("resuming from %s", resume)
+    point = resume_of(paths, cfg)
+    resume = point.checkpoint if point else None
+    if point is not None:
+        log.info("resuming from %s", point.describe())
     else:
         log.info("no complete checkpoint in %s: starting from step 0", paths.checkpoints)
 
@@ -219,12 +171,46 @@ def _finish_distributed() -> None:
         dist.destroy_process_group()
 
 
+def resume_of(paths: RunPaths, cfg: HyperjobConfig) -> ResumePoint | None:
+    """The newest complete checkpoint of this run and what it consumed (see hyperjob.stages.resume)."""
+    plan = make_plan(cfg)
+    return resume_point(
+        paths.checkpoints,
+        steps_per_epoch=plan.steps_per_epoch,
+        grad_accum=plan.grad_accum,
+        global_batch=plan.global_batch,
+        total_steps=total_steps(plan, cfg),
+    )
+
+
+def train_arguments(paths: RunPaths, cfg: HyperjobConfig, compile_only: bool = False) -> dict[str, Any]:
+    """The backend's trainer, LoRA and loader arguments for this run (pure: no torch or optimum import)."""
+    return backends.get(cfg.backend).train_arguments(cfg, make_plan(cfg).layout(), paths, compile_only)
+
+
+def _dispatch(paths: RunPaths, cfg: HyperjobConfig, *, compile_only: bool, print_args: bool) -> int:
+    """--print-args prints the arguments as JSON; otherwise the backend's trainer runs."""
+    if compile_only and not stage_table.spec("compile").available_for(cfg.backend):
+        raise StageError(f"--compile precompiles Neuron graphs; it does not apply to backend {cfg.backend!r}")
+    if print_args:
+        print(json.dumps(train_arguments(paths, cfg, compile_only), indent=2, sort_keys=True))
+        return 0
+    runtime = backends.get(cfg.backend).runtime
+    trainer: Callable[[RunPaths, HyperjobConfig, bool], int] = (
+        importlib.import_module(runtime.trainer).train if runtime.trainer else train
+    )
+    return trainer(paths, cfg, compile_only)
+
+
 def main(argv: list[str] | None = None) -> int:
     # --compile: the compile stage's run of the same entry under neuron_parallel_compile (Trainium only).
+    # --print-args: print the trainer/LoRA/loader keyword arguments as JSON, import no torch, train nothing.
     flags = argparse.ArgumentParser(add_help=False)
     flags.add_argument("--compile", action="store_true")
+    flags.add_argument("--print-args", action="store_true")
     known, rest = flags.parse_known_args(argv)
-    return run_stage("train", functools.partial(_train, compile_only=known.compile), rest, __doc__ or "")
+    body = functools.partial(_dispatch, compile_only=known.compile, print_args=known.print_args)
+    return run_stage("train", body, rest, __doc__ or "")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,1 @@
+raise ImportError("hyperjob --print-args must not import optimum")
