@@ -352,6 +352,9 @@ def test_neuron_sft_trainer_wraps_the_model_as_the_entry_does(model: dict[str, A
         result["get_peft_model"]["trainable"],
         result["get_peft_model"]["total"],
     )
+    # Every batch has the compiled shape: 16-token examples padded to exactly max_length (training.seq_len=256).
+    shapes = trainer["batch_shapes"]
+    assert shapes == {"input_ids": [2, 256], "labels": [2, 256], "attention_mask": [2, 256]}, shapes
 
 
 @pytest.mark.parametrize("name", list(MODEL_RUNS))

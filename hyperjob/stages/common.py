@@ -19,6 +19,8 @@ from hyperjob.paths import RunPaths
 
 # Written last into a downloaded/built model directory: its presence means "complete".
 COMPLETE_MARKER = ".hyperjob-complete"
+# What a train entry (any backend) leaves in the run directory: steps, losses, wall time.
+SUMMARY_NAME = "train_summary.json"
 
 
 class StageError(Exception):
@@ -91,6 +93,14 @@ def read_token(model: ModelSection) -> str | None:
         except OSError as e:
             raise StageError(f"cannot read model.token_file {model.token_file}: {e.strerror}") from None
         return value or None
+    return None
+
+
+def last_logged_loss(log_history: list[dict[str, Any]]) -> float | None:
+    """The loss of the trainer's last logging step (its mean over the run hides where training ended)."""
+    for entry in reversed(log_history):
+        if "loss" in entry:
+            return float(entry["loss"])
     return None
 
 

@@ -28,8 +28,10 @@ from hyperjob.fsutil import atomic_dir, write_json
 from hyperjob.paths import RunPaths, base_model_dir
 from hyperjob.plan.planner import make_plan, total_steps
 from hyperjob.stages.common import (
+    SUMMARY_NAME,
     StageError,
     dtype_kwargs,
+    last_logged_loss,
     read_token,
     require_model_dir,
     run_stage,
@@ -38,8 +40,6 @@ from hyperjob.stages.common import (
 )
 from hyperjob.stages.lora_check import check_lora_applied
 from hyperjob.stages.resume import ResumePoint, resume_point
-
-SUMMARY_NAME = "train_summary.json"
 
 
 def _training_arguments(args: dict[str, Any]) -> Any:
@@ -65,13 +65,6 @@ def _load_model(base: Path, cfg: HyperjobConfig, args: dict[str, Any], dtype: An
 
 def _name(dtype: Any) -> str:
     return str(dtype).rsplit(".", 1)[-1]
-
-
-def _last_logged_loss(log_history: list[dict[str, Any]]) -> float | None:
-    for entry in reversed(log_history):
-        if "loss" in entry:
-            return float(entry["loss"])
-    return None
 
 
 def train(paths: RunPaths, cfg: HyperjobConfig, compile_only: bool = False) -> int:
@@ -137,7 +130,7 @@ def train(paths: RunPaths, cfg: HyperjobConfig, compile_only: bool = False) -> i
             model.save_pretrained(tmp)  # the PeftModel: adapter weights and config only
             tokenizer.save_pretrained(tmp)
         state = trainer.state
-        final_loss = _last_logged_loss(state.log_history)
+        final_loss = last_logged_loss(state.log_history)
         summary = {
             "steps": state.global_step,
             "final_loss": final_loss if final_loss is not None else result.training_loss,

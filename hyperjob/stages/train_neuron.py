@@ -17,11 +17,17 @@ from hyperjob.backends.neuron_env import installed_versions, mismatch
 from hyperjob.config.models import HyperjobConfig
 from hyperjob.fsutil import write_json
 from hyperjob.paths import RunPaths, base_model_dir
-from hyperjob.stages.common import StageError, read_token, require_model_dir, setup_logging, world_size
+from hyperjob.stages.common import (
+    SUMMARY_NAME,
+    StageError,
+    last_logged_loss,
+    read_token,
+    require_model_dir,
+    setup_logging,
+    world_size,
+)
 from hyperjob.stages.lora_check import check_lora_applied
 from hyperjob.stages.resume import ResumePoint, incomplete_checkpoints
-
-SUMMARY_NAME = "train_summary.json"
 
 
 def require_pinned_environment() -> None:
@@ -57,11 +63,43 @@ def check_trn_config(trn_config: Any, expected: dict[str, Any]) -> None:
             raise StageError(f"optimum-neuron set {name}={got!r}, but the plan needs {want!r}")
 
 
-def _last_logged_loss(log_history: list[dict[str, Any]]) -> float | None:
-    for entry in reversed(log_history):
-        if "loss" in entry:
-            return float(entry["loss"])
-    return None
+def neuron_config(arguments: dict[str, Any]) -> Any:
+    """The real NeuronSFTConfig from the pure arguments; its trn_config must carry the planned layout."""
+    from optimum.neuron import NeuronSFTConfig
+
+    args = NeuronSFTConfig(**arguments["trainer_config"])  # initialises torch.distributed and the model parallel state
+    check_trn_config(args.trn_config, arguments["expected_trn_config"])
+    return args
+
+
+def load_model(arguments: dict[str, Any], trn_config: Any) -> Any:
+    """The TRAINING NeuronModelForCausalLM (optimum/neuron/models/training, not the top-level inference class)."""
+    import torch
+    from optimum.neuron.models.training import NeuronModelForCausalLM
+
+    loader = arguments["model_loader"]
+    dtype = getattr(torch, loader["kwargs"]["torch_dtype"])
+    model = NeuronModelForCausalLM.from_pretrained(loader["path"], trn_config, torch_dtype=dtype)
+    model.config.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing
+    return model
+
+
+def make_trainer(arguments: dict[str, Any], args: Any, model: Any, examples: list[Any], tokenizer: Any) -> Any:
+    """NeuronSFTTrainer with peft's LoraConfig and hyperjob's own encoded examples, padded to exactly max_length
+    (XLA compiles one graph per shape); upstream's dataset preparation is skipped (dataset_kwargs)."""
+    from optimum.neuron import NeuronSFTTrainer
+    from peft import LoraConfig
+
+    from hyperjob.stages.data import PadCollator, pad_id_of
+
+    return NeuronSFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=examples,
+        processing_class=tokenizer,
+        peft_config=LoraConfig(**arguments["lora_config"]),
+        data_collator=PadCollator(pad_id_of(tokenizer), length=arguments["trainer_config"]["max_length"]),
+    )
 
 
 def train(paths: RunPaths, cfg: HyperjobConfig, compile_only: bool = False) -> int:
@@ -76,16 +114,11 @@ def train(paths: RunPaths, cfg: HyperjobConfig, compile_only: bool = False) -> i
     base = base_model_dir(cfg)
     require_model_dir(base, "base model", "run the download stage first")
 
-    import torch
-    from optimum.neuron import NeuronSFTConfig, NeuronSFTTrainer
-    from optimum.neuron.models.training import NeuronModelForCausalLM
-    from peft import LoraConfig
     from transformers import AutoTokenizer
 
-    from hyperjob.stages.data import PadCollator, build_train_examples, pad_id_of
+    from hyperjob.stages.data import build_train_examples
 
-    args = NeuronSFTConfig(**arguments["trainer_config"])  # initialises torch.distributed and the model parallel state
-    check_trn_config(args.trn_config, arguments["expected_trn_config"])
+    args = neuron_config(arguments)
     log.info("world size %d: %s", world_size(), arguments["expected_trn_config"])
 
     tokenizer = AutoTokenizer.from_pretrained(base)
@@ -93,24 +126,13 @@ def train(paths: RunPaths, cfg: HyperjobConfig, compile_only: bool = False) -> i
     examples, stats = build_train_examples(cfg.dataset, tokenizer, t.seq_len, t.packing, token=read_token(cfg.model))
     log.info("data: %d rows -> %d examples%s", stats.rows, len(examples), " packed" if t.packing else "")
 
-    loader = arguments["model_loader"]
-    dtype = getattr(torch, loader["kwargs"]["torch_dtype"])
-    model = NeuronModelForCausalLM.from_pretrained(str(base), args.trn_config, torch_dtype=dtype)
-    model.config.use_cache = False
-    trainer = NeuronSFTTrainer(
-        model=model,
-        args=args,
-        train_dataset=examples,
-        processing_class=tokenizer,
-        peft_config=LoraConfig(**arguments["lora_config"]),
-        data_collator=PadCollator(pad_id_of(tokenizer), length=t.seq_len),
-    )
+    trainer = make_trainer(arguments, args, load_model(arguments, args.trn_config), examples, tokenizer)
     trainable, total = check_lora_applied(trainer.model)
     log.info("LoRA r=%d: %d trainable of %d parameters on this rank", cfg.lora.r, trainable, total)
 
     result = trainer.train()
     if not compile_only and trainer.is_world_process_zero():
-        final_loss = _last_logged_loss(trainer.state.log_history)
+        final_loss = last_logged_loss(trainer.state.log_history)
         mean = getattr(result, "training_loss", None)
         summary = {
             "steps": trainer.state.global_step,
@@ -119,7 +141,7 @@ def train(paths: RunPaths, cfg: HyperjobConfig, compile_only: bool = False) -> i
             "world_size": world_size(),
             "wall_time_s": round(time.monotonic() - started, 2),
             "backend": cfg.backend,
-            "dtype": loader["kwargs"]["torch_dtype"],
+            "dtype": arguments["model_loader"]["kwargs"]["torch_dtype"],
             "trainable_parameters_per_rank": trainable,
             "train_examples": len(examples),
         }

@@ -182,30 +182,25 @@ def _example_rows(n: int, length: int) -> list[dict[str, list[int]]]:
 
 
 def _model_case(case: dict[str, Any]) -> dict[str, Any]:
-    """As hyperjob/stages/train_neuron.py does it: NeuronSFTConfig, the training class's from_pretrained with
-    args.trn_config, LoRA (once through optimum.neuron.peft.get_peft_model, once through NeuronSFTTrainer's
-    peft_config), check_lora_applied; and check_lora_applied on the bare model, which must refuse it."""
-    import torch
-    from optimum.neuron import NeuronSFTConfig, NeuronSFTTrainer
-    from optimum.neuron.models.training import NeuronModelForCausalLM
+    """The entry's own functions (hyperjob/stages/train_neuron.py): neuron_config (the real NeuronSFTConfig and
+    the trn_config check), load_model (the training class's from_pretrained with args.trn_config), make_trainer
+    (NeuronSFTTrainer with the LoRA config and hyperjob's collator); LoRA also once through
+    optimum.neuron.peft.get_peft_model; check_lora_applied on each, and on the bare model, which it must refuse."""
     from optimum.neuron.peft import get_peft_model
     from peft import LoraConfig
     from transformers import AutoTokenizer
 
     from hyperjob.stages.common import StageError
-    from hyperjob.stages.data import PadCollator, pad_id_of
     from hyperjob.stages.lora_check import check_lora_applied
-    from hyperjob.stages.train_neuron import check_trn_config
+    from hyperjob.stages.train_neuron import load_model, make_trainer, neuron_config
 
     arguments = case["arguments"]
     stubs.reset_parallel_state(case["world"])
-    args = NeuronSFTConfig(**arguments["trainer_config"])
-    check_trn_config(args.trn_config, arguments["expected_trn_config"])
+    args = neuron_config(arguments)
     loader = arguments["model_loader"]
-    dtype = getattr(torch, loader["kwargs"]["torch_dtype"])
 
     def load() -> Any:
-        return NeuronModelForCausalLM.from_pretrained(loader["path"], args.trn_config, torch_dtype=dtype)
+        return load_model(arguments, args.trn_config)
 
     out: dict[str, Any] = {"trn_config": _trn_facts(args.trn_config)}
     bare = load()
@@ -225,16 +220,15 @@ def _model_case(case: dict[str, Any]) -> dict[str, Any]:
 
     def through_trainer() -> dict[str, Any]:
         tokenizer = AutoTokenizer.from_pretrained(loader["path"])
-        trainer = NeuronSFTTrainer(
-            model=load(),
-            args=args,
-            train_dataset=_example_rows(8, 16),
-            processing_class=tokenizer,
-            peft_config=LoraConfig(**lora_kwargs),
-            data_collator=PadCollator(pad_id_of(tokenizer), length=arguments["trainer_config"]["max_length"]),
-        )
+        trainer = make_trainer(arguments, args, load(), _example_rows(8, 16), tokenizer)
         counts = check_lora_applied(trainer.model)
-        return {"model_class": type(trainer.model).__name__, "trainable": counts[0], "total": counts[1]}
+        batch = trainer.data_collator(_example_rows(2, 16))  # what the trainer's dataloader will feed the model
+        return {
+            "model_class": type(trainer.model).__name__,
+            "trainable": counts[0],
+            "total": counts[1],
+            "batch_shapes": {key: list(value.shape) for key, value in batch.items()},
+        }
 
     out["trainer"] = _capture(through_trainer)  # reported on its own: the steps above stand without it
     return out
