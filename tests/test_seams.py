@@ -132,7 +132,7 @@ def test_train_stages_may_use_their_own_interpreter() -> None:
     for stage, text in scripts.items():
         want = "/opt/neuron/bin/python" if stage in ("compile", "train") else str(cfg.environment.python)
         assert f"readonly PYTHON={want}\n" in text, stage
-    assert '  exec /opt/neuron/bin/neuron_parallel_compile "$PYTHON" -m torch.distributed.run' in scripts["compile"]
+    assert '  /opt/neuron/bin/neuron_parallel_compile "$PYTHON" -m torch.distributed.run' in scripts["compile"]
 
 
 def _python_files() -> list[Path]:
