@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hyperjob.config.load import ConfigError
-from hyperjob.paths import RunPaths
+from hyperjob.config.models import HyperjobConfig
+from hyperjob.paths import RunPaths, base_model_dir
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,9 @@ class StageSpec:
     interpreter group, `train` for stages that need the training stack (environment.train_python), `tools` for
     the rest. `hub`: the only stage allowed to reach the Hugging Face hub. `template_dir`: None for the shipped
     templates; a directory for a stage added from outside the package (its template may import the shipped macros).
+    `config_keys`: the config keys (dotted; a section name covers the section) whose values the stage's result
+    depends on: a change to one of them invalidates a completed stage. `outputs`: what the stage leaves behind, as
+    paths; their file sizes and times make the digest that proves a completed stage still stands (stage_outputs).
     """
 
     name: str
@@ -47,6 +51,8 @@ class StageSpec:
     group: str = "tools"
     hub: bool = False
     produces: tuple[Output, ...] = ()
+    config_keys: tuple[str, ...] = ()
+    outputs: Callable[[RunPaths, HyperjobConfig], tuple[Path, ...]] = field(default=lambda p, c: (), compare=False)
     template_dir: Path | None = field(default=None, compare=False)
 
     @property
@@ -67,6 +73,9 @@ def _first_answer(answers: Path) -> list[str]:
 
 
 _ADAPTER = Output("adapter", lambda p: p.adapter)
+_MODEL = ("model.id", "model.revision")
+_SHAPES = ("backend", *_MODEL, "dataset", "parallel", "training", "lora", "cluster.instance_type", "cluster.nodes",
+           "cluster.devices_per_node")  # fmt: skip
 
 _BUILTIN = (
     StageSpec(
@@ -74,6 +83,8 @@ _BUILTIN = (
         purpose="Fetch the base model (and hub dataset) onto the shared filesystem.",
         entry="hyperjob.stages.download",
         hub=True,
+        config_keys=(*_MODEL, "dataset"),
+        outputs=lambda p, c: (base_model_dir(c),),
     ),
     StageSpec(
         name="compile",
@@ -83,6 +94,7 @@ _BUILTIN = (
         backends=frozenset({"neuron"}),
         distributed=True,
         group="train",
+        config_keys=_SHAPES,
     ),
     StageSpec(
         name="train",
@@ -91,6 +103,8 @@ _BUILTIN = (
         distributed=True,
         group="train",
         produces=(_ADAPTER,),
+        config_keys=_SHAPES,
+        outputs=lambda p, c: (p.run_dir / "train_summary.json", p.checkpoints),
     ),
     StageSpec(
         name="consolidate",
@@ -98,18 +112,24 @@ _BUILTIN = (
         entry="hyperjob.stages.consolidate",
         backends=frozenset({"neuron"}),
         produces=(_ADAPTER,),
+        config_keys=("consolidate",),
+        outputs=lambda p, c: (p.adapter,),
     ),
     StageSpec(
         name="merge",
         purpose="Merge the adapter into the base model (safetensors shards + index).",
         entry="hyperjob.stages.merge",
         produces=(Output("merged model", lambda p: p.merged),),
+        config_keys=("merge",),
+        outputs=lambda p, c: (p.merged,),
     ),
     StageSpec(
         name="evaluate",
         purpose="Answer the evaluation prompts with the base and the tuned model.",
         entry="hyperjob.stages.evaluate",
         produces=(Output("evaluation answers", lambda p: p.evaluation / "answers.json", _first_answer),),
+        config_keys=("evaluate",),
+        outputs=lambda p, c: (p.evaluation,),
     ),
 )
 

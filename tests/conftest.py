@@ -3,6 +3,7 @@
 import os
 
 from fixtures_slurm import *  # noqa: F403
+from fixtures_slurm2 import *  # noqa: F403
 from fixtures_tiny import *  # noqa: F403
 from hypothesis import settings
 from skip_guard import *  # noqa: F403

@@ -24,7 +24,7 @@ def test_failed_stage_cancels_the_rest(tmp_path: Path, scheduler: str, request: 
                    "--wait", "--poll", "1")  # fmt: skip
     assert out.returncode == 1, out.stdout + out.stderr
     assert "run failed at stage train (FAILED)" in out.stdout
-    assert "last lines of" in out.stdout
+    assert "stage train failed (exit 1): hyperjob train" in out.stdout and "run the download stage first" in out.stdout
     assert states(only_run_dir(tmp_path)) == {"train": "FAILED", "merge": "CANCELLED", "evaluate": "CANCELLED"}
 
 

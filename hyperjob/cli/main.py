@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 
 from hyperjob import __version__
-from hyperjob.cli import cmd_checkpoint, cmd_env, cmd_init, cmd_plan, cmd_run, cmd_submit
+from hyperjob.cli import cmd_checkpoint, cmd_env, cmd_init, cmd_plan, cmd_resume, cmd_run, cmd_submit
 from hyperjob.cli.common import CliError, err
 from hyperjob.schedule.base import SchedulerError
 
@@ -24,6 +24,7 @@ LoRA fine-tuning of Llama-class models on Slurm (Trainium or NVIDIA GPUs), from 
   hyperjob status RUN_DIR                    state of each stage
   hyperjob logs RUN_DIR STAGE [--follow]     a stage's log
   hyperjob cancel RUN_DIR                    stop a run
+  hyperjob resume RUN_DIR [--wait]           redo what failed (and after it), keep what completed
   hyperjob consolidate CHECKPOINT --output DIR   Neuron TP shards -> PEFT adapter (+ merged model)
   hyperjob merge ADAPTER --base DIR --output DIR streaming LoRA merge in bounded memory
 """
@@ -36,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"hyperjob {__version__}")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
     sub.required = True
-    for module in (cmd_init, cmd_plan, cmd_submit, cmd_run, cmd_checkpoint, cmd_env):
+    for module in (cmd_init, cmd_plan, cmd_submit, cmd_resume, cmd_run, cmd_checkpoint, cmd_env):
         module.add_parsers(sub)
     return parser
 

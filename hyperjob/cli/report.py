@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 from hyperjob import stage_table
 from hyperjob.cli.common import table
 from hyperjob.paths import RunPaths
-from hyperjob.schedule.manifest import Manifest
+from hyperjob.schedule.errors import error_line, read_log_tail
+from hyperjob.schedule.manifest import Manifest, StageRecord
 from hyperjob.schedule.states import StageState
 
-TAIL_LINES = 20
+# Shown only when the log has no error line: enough to see how it ended, short enough not to bury the rest.
+TAIL_LINES = 5
 
 
 def status_table(manifest: Manifest) -> str:
@@ -22,24 +25,69 @@ def status_table(manifest: Manifest) -> str:
     return table(rows, ("#", "stage", "job", "state", "exit", "reason", "log"))
 
 
-def tail(path: Path, n: int = TAIL_LINES) -> list[str]:
-    try:
-        return path.read_text(errors="replace").splitlines()[-n:]
-    except OSError:
+def failed_stages(manifest: Manifest) -> list[StageRecord]:
+    """Stages that ended without success on their own: not those still going, not cancelled ones."""
+    return [
+        r
+        for r in manifest.stages
+        if r.state.is_terminal and not r.state.is_success and r.state is not StageState.CANCELLED
+    ]
+
+
+def stage_error(rec: StageRecord) -> str | None:
+    """The line of the stage's log that says why it failed (read at display time; the manifest keeps no copy)."""
+    return error_line(read_log_tail(Path(rec.log))) if rec.log else None
+
+
+def _how(rec: StageRecord) -> str:
+    """`exit 1`, `TIMEOUT, killed by signal 15`: the state only where it says more than `failed`."""
+    words = [] if rec.state is StageState.FAILED else [rec.state.value]
+    if rec.exit_code:
+        status, _, signal = rec.exit_code.partition(":")
+        words.append(f"killed by signal {signal}" if signal not in ("", "0") else f"exit {status}")
+    return ", ".join(words) or "no exit code"
+
+
+def failure_report(manifest: Manifest, tail_lines: int = 0) -> list[str]:
+    """Per failed stage its error line and log, the stages cancelled after it, and how to resume; [] if none.
+
+    `tail_lines`: when a log has no error line, show its last lines instead (the end-of-run summary does).
+    """
+    failed = failed_stages(manifest)
+    if not failed:
         return []
+    out = []
+    for rec in failed:
+        error = stage_error(rec)
+        reason = rec.reason if rec.reason and rec.reason != "None" else ""
+        out.append(f"stage {rec.name} failed ({_how(rec)}): {error or reason or 'its log names no error'}")
+        out.append(f"log: {rec.log or '(none)'}")
+        if error is None and tail_lines and rec.log:
+            lines = read_log_tail(Path(rec.log)).splitlines()[-tail_lines:]
+            out.extend(f"  | {line}" for line in lines)
+    first = min(r.index for r in failed)
+    cancelled = [r.name for r in manifest.stages if r.state is StageState.CANCELLED and r.index > first]
+    if cancelled:
+        out.append(
+            f"cancelled: {', '.join(cancelled)} (a stage before {'it' if len(cancelled) == 1 else 'them'} failed)"
+        )
+    out.append(f"resume with: hyperjob resume {shlex.quote(manifest.run_dir)}")
+    return out
 
 
 def print_outcome(run_dir: Path, manifest: Manifest) -> bool:
-    """Print the final table; on success where the results are, on failure the failing log's tail."""
+    """Print the final table; on success where the results are, on failure why (see `failure_report`)."""
     print(status_table(manifest))
-    failed = [r for r in manifest.stages if r.state is not StageState.COMPLETED]
-    if failed:
-        first = next((r for r in failed if r.state is not StageState.CANCELLED), failed[0])
+    report = failure_report(manifest, tail_lines=TAIL_LINES)
+    if report:
+        first = failed_stages(manifest)[0]
         print(f"\nrun failed at stage {first.name} ({first.state.value})")
-        if first.log:
-            print(f"last lines of {first.log}:")
-            for line in tail(Path(first.log)):
-                print(f"  | {line}")
+        print("\n".join(report))
+        return False
+    if any(not r.state.is_success for r in manifest.stages):
+        stopped = [f"{r.name} ({r.state.value})" for r in manifest.stages if not r.state.is_success]
+        print(f"\nrun did not complete: {', '.join(stopped)}")
+        print(f"resume with: hyperjob resume {shlex.quote(manifest.run_dir)}")
         return False
     paths = RunPaths(run_dir)
     print(f"\nrun completed: {run_dir}")

@@ -58,11 +58,14 @@ class LiveState:
 
 class Scheduler(Protocol):
     """The unit the CLI and the run logic talk to. `priority` orders `--scheduler auto` (lower first; None: never
-    chosen automatically); `max_nodes` is the largest allocation it can run (None: any)."""
+    chosen automatically); `max_nodes` is the largest allocation it can run (None: any); `waits_on_live_jobs`:
+    new submissions can wait for jobs queued earlier (afterok on a job id), so a run can be resumed while some of
+    its stages are still queued or running."""
 
     name: str
     priority: int | None
     max_nodes: int | None
+    waits_on_live_jobs: bool
 
     def unavailable(self) -> str | None:
         """Why this scheduler cannot be used on this machine, or None when it can."""
@@ -91,11 +94,17 @@ class Scheduler(Protocol):
 
 
 def submissions(run_dir: Path, manifest: Manifest) -> tuple[Submission, ...]:
-    """Every stage of the run with the stages it waits for: today's DAG is a chain, each after the one before."""
-    names = [rec.name for rec in manifest.stages]
-    return tuple(
-        Submission(rec.name, run_dir / rec.script, tuple(names[i - 1 : i])) for i, rec in enumerate(manifest.stages)
-    )
+    """The stages still to submit (no job yet) with the stages they wait for: today's DAG is a chain, each after
+    the one before, unless that one has completed (a resumed run keeps its completed stages). A stage waited for
+    may be one that is not submitted now: a live job from before (resume), whose id the scheduler links to."""
+    subs = []
+    for i, rec in enumerate(manifest.stages):
+        if rec.job_id is not None:
+            continue
+        before = manifest.stages[i - 1] if i else None
+        after = (before.name,) if before is not None and not before.state.is_success else ()
+        subs.append(Submission(rec.name, run_dir / rec.script, after))
+    return tuple(subs)
 
 
 def job_log(run_dir: Path, rec: StageRecord) -> Path | None:

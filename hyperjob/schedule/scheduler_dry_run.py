@@ -19,6 +19,7 @@ class DryRunScheduler:
     name = "dry-run"
     priority: int | None = None
     max_nodes: int | None = None
+    waits_on_live_jobs = False
 
     def __init__(self, target: Scheduler | None = None) -> None:
         self.target = target

@@ -24,22 +24,29 @@ class LocalScheduler:
     name = "local"
     priority: int | None = 1
     max_nodes: int | None = 1
+    waits_on_live_jobs = False
 
     def unavailable(self) -> str | None:
         return None
 
     def request(self, run_dir: Path, manifest: Manifest) -> SubmitRequest:
         """In order, each only if the ones before succeeded (`&&`), as the executor runs them."""
+        subs = submissions(run_dir, manifest)
+        todo = [manifest.stage(sub.stage) for sub in subs]
         lines = [f"cd {shlex.quote(str(run_dir))}"]
         lines += [
             f"HYPERJOB_EXECUTOR=local HYPERJOB_JOB_ID={job_id(rec)} bash {shlex.quote(rec.script)}"
-            + (" &&" if rec is not manifest.stages[-1] else "")
-            for rec in manifest.stages
+            + (" &&" if rec is not todo[-1] else "")
+            for rec in todo
         ]
-        return SubmitRequest(self.name, run_dir, submissions(run_dir, manifest), tuple(lines))
+        return SubmitRequest(self.name, run_dir, subs, tuple(lines))
 
     def schedule(self, request: SubmitRequest, manifest: Manifest, *, wait: bool, echo: Echo) -> Manifest:
-        stages = tuple(replace(r, job_id=job_id(r), state=StageState.PENDING) for r in manifest.stages)
+        """Mark the stages to run (a resumed run keeps its completed ones) and start the executor."""
+        todo = {sub.stage for sub in request.submissions}
+        stages = tuple(
+            replace(r, job_id=job_id(r), state=StageState.PENDING) if r.name in todo else r for r in manifest.stages
+        )
         write_manifest(request.run_dir, replace(manifest, stages=stages))
         if wait:
             local.run_local(request.run_dir)

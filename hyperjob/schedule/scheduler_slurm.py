@@ -32,6 +32,7 @@ class SlurmScheduler:
     name = "slurm"
     priority: int | None = 0
     max_nodes: int | None = None
+    waits_on_live_jobs = True
 
     def unavailable(self) -> str | None:
         return None if slurm.available() else "sbatch is not on PATH (use --scheduler local, or load Slurm)"
@@ -39,28 +40,31 @@ class SlurmScheduler:
     def request(self, run_dir: Path, manifest: Manifest) -> SubmitRequest:
         index = {rec.name: rec.index for rec in manifest.stages}
         subs, lines = submissions(run_dir, manifest), [f"cd {shlex.quote(str(run_dir))}"]
+        now = {sub.stage for sub in subs}
         for sub in subs:
-            deps = ["${" + _variable(index[a]) + "}" for a in sub.after]
+            # A stage queued earlier (resume) is waited for by its job id; one queued now by its variable.
+            deps = ["${" + _variable(index[a]) + "}" if a in now else str(manifest.stage(a).job_id) for a in sub.after]
             cmd = " ".join(_shell_word(w) for w in slurm.sbatch_command(sub.script, deps))
             lines.append(f"{_variable(index[sub.stage])}=$({cmd})")
         return SubmitRequest(self.name, run_dir, subs, tuple(lines))
 
     def schedule(self, request: SubmitRequest, manifest: Manifest, *, wait: bool, echo: Echo) -> Manifest:
         """Queue every stage; if any sbatch fails, cancel what this call queued (nothing is left half-submitted)."""
-        ids: dict[str, str] = {}
+        ids = {rec.name: rec.job_id for rec in manifest.stages if rec.job_id and rec.is_open}  # waited for (resume)
+        queued: list[str] = []
         try:
             for sub in request.submissions:
                 rec = manifest.stage(sub.stage)
                 deps = [ids[a] for a in sub.after]
                 job_id = slurm.sbatch(sub.script, deps, cwd=request.run_dir)
                 ids[sub.stage] = job_id
+                queued.append(job_id)
                 rec = replace(rec, job_id=job_id, state=StageState.PENDING)
                 manifest = manifest.with_stage(replace(rec, log=str(job_log(request.run_dir, rec))))
                 write_manifest(request.run_dir, manifest)
                 after = f"  (afterok:{':'.join(deps)})" if deps else ""
                 echo(f"  {rec.index:02d} {rec.name:<12} job {job_id}{after}")
         except slurm.SlurmError as e:
-            queued = list(ids.values())
             if queued:
                 slurm.cancel(queued)
             raise SubmitError(f"sbatch failed for stage {sub.stage}: {e}; cancelled jobs {queued}") from None

@@ -66,12 +66,35 @@ def load_run_config(paths: RunPaths) -> HyperjobConfig:
     return load_resolved(paths.config)
 
 
-def run_stage(stage: str, body: Callable[[RunPaths, HyperjobConfig], int], argv: list[str] | None, doc: str) -> int:
-    """Parse `--run-dir`, load the config and run `body`; expected errors become one stderr line and exit 2."""
+def run_stage(
+    stage: str,
+    body: Callable[[RunPaths, HyperjobConfig], int],
+    argv: list[str] | None,
+    doc: str,
+    *,
+    skip_done: bool = True,
+    mark: bool = True,
+) -> int:
+    """Parse `--run-dir`, load the config and run `body`; expected errors become one stderr line and exit 2.
+
+    `skip_done`: a stage whose completion marker still holds (same config values, same outputs, same upstream)
+    does nothing and says so. `mark`: on success, write the marker (rank 0). See hyperjob.stage_outputs.
+    """
+    from hyperjob.stage_outputs import check_marker, write_marker
+
     paths = parse_run_dir(argv, stage, doc)
     who = f"hyperjob {stage}" + (f" (rank {rank()})" if world_size() > 1 else "")
     try:
-        return body(paths, load_run_config(paths))
+        cfg = load_run_config(paths)
+        if skip_done:
+            done = check_marker(paths, cfg, stage)
+            if done.ok:
+                print(f"{who}: already complete ({done.why}); nothing to do", flush=True)
+                return 0
+        code = body(paths, cfg)
+        if code == 0 and mark and rank() == 0:
+            write_marker(paths, cfg, stage)
+        return code
     except ConfigError as e:
         for line in e.lines():
             print(f"{who}: error: {line}", file=sys.stderr)

@@ -269,7 +269,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-dir", required=True, type=Path, help="run directory holding config.yaml")
     parser.add_argument("command", choices=sorted(COMMANDS), help="check, begin or finish (see above)")
     args = parser.parse_args(argv)
-    return run_stage("compile", COMMANDS[args.command], ["--run-dir", str(args.run_dir)], __doc__ or "")
+    # The cache manifest, not the stage's completion marker, decides whether to compile (graphs can vanish from
+    # the cache); check (nothing to compile) and finish (compiled) then mark the stage complete.
+    mark = args.command != "begin"
+    run_dir = ["--run-dir", str(args.run_dir)]
+    return run_stage("compile", COMMANDS[args.command], run_dir, __doc__ or "", skip_done=False, mark=mark)
 
 
 if __name__ == "__main__":

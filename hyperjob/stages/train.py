@@ -76,6 +76,7 @@ def train(paths: RunPaths, cfg: HyperjobConfig, compile_only: bool = False) -> i
     require_model_dir(base, "base model", "run the download stage first")
 
     import torch
+    import transformers
     from transformers import AutoTokenizer, Trainer
     from transformers.utils import logging as hf_logging
 
@@ -108,6 +109,9 @@ def train(paths: RunPaths, cfg: HyperjobConfig, compile_only: bool = False) -> i
     mode = f"DDP over {torch.distributed.get_backend()}" if args.world_size > 1 else "single process"
     log.info("world size %d (%s), dtype %s", args.world_size, mode, _name(dtype))
 
+    # Seed before the LoRA weights are drawn (Trainer seeds only when it is built, after the model): otherwise two
+    # runs with the same seed start from different adapters and a resumed run cannot match an uninterrupted one.
+    transformers.set_seed(cfg.training.seed)
     model = _load_model(base, cfg, arguments, dtype)
     trainable, total = check_lora_applied(model)
     log.info("LoRA r=%d: %d trainable of %d parameters", cfg.lora.r, trainable, total)
@@ -121,8 +125,9 @@ def train(paths: RunPaths, cfg: HyperjobConfig, compile_only: bool = False) -> i
 
     collator = PadCollator(pad_id_of(tokenizer), pad_to_multiple_of=runtime.pad_to_multiple_of)
     trainer = Trainer(
-        model=model, args=args, train_dataset=examples, data_collator=collator, processing_class=tokenizer
-    )
+        model=model, args=args, train_dataset=examples, data_collator=collator, processing_class=tokenizer,
+        callbacks=fault_callbacks(),
+    )  # fmt: skip
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
 
     if trainer.is_world_process_zero():
@@ -164,6 +169,27 @@ def _finish_distributed() -> None:
         dist.destroy_process_group()
 
 
+FAULT_ENV = "HYPERJOB_FAULT_AFTER_SAVE"
+
+
+def fault_callbacks() -> list[Any]:
+    """A deliberate fault for the fault-tolerance tests: with HYPERJOB_FAULT_AFTER_SAVE=N in the environment, the
+    stage fails right after saving the checkpoint of step N or later (the checkpoint is complete)."""
+    value = os.environ.get(FAULT_ENV, "")
+    if not value:
+        return []
+    if not value.isdigit():
+        raise StageError(f"{FAULT_ENV}={value!r} must be a step number")
+    from transformers import TrainerCallback
+
+    class FailAfterSave(TrainerCallback):
+        def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if state.global_step >= int(value):
+                raise StageError(f"fault injected after saving step {state.global_step} ({FAULT_ENV}={value})")
+
+    return [FailAfterSave()]
+
+
 def resume_of(paths: RunPaths, cfg: HyperjobConfig) -> ResumePoint | None:
     """The newest complete checkpoint of this run and what it consumed (see hyperjob.stages.resume)."""
     plan = make_plan(cfg)
@@ -203,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     flags.add_argument("--print-args", action="store_true")
     known, rest = flags.parse_known_args(argv)
     body = functools.partial(_dispatch, compile_only=known.compile, print_args=known.print_args)
-    return run_stage("train", body, rest, __doc__ or "")
+    return run_stage("train", body, rest, __doc__ or "", skip_done=not known.print_args, mark=not known.print_args)
 
 
 if __name__ == "__main__":

@@ -114,7 +114,7 @@ def train(paths: RunPaths, cfg: HyperjobConfig, compile_only: bool = False) -> i
     base = base_model_dir(cfg)
     require_model_dir(base, "base model", "run the download stage first")
 
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, set_seed
 
     from hyperjob.stages.data import build_train_examples
 
@@ -126,6 +126,7 @@ def train(paths: RunPaths, cfg: HyperjobConfig, compile_only: bool = False) -> i
     examples, stats = build_train_examples(cfg.dataset, tokenizer, t.seq_len, t.packing, token=read_token(cfg.model))
     log.info("data: %d rows -> %d examples%s", stats.rows, len(examples), " packed" if t.packing else "")
 
+    set_seed(t.seed)  # before LoRA's weights are drawn: the same seed gives the same run
     trainer = make_trainer(arguments, args, load_model(arguments, args.trn_config), examples, tokenizer)
     trainable, total = check_lora_applied(trainer.model)
     log.info("LoRA r=%d: %d trainable of %d parameters on this rank", cfg.lora.r, trainable, total)
