@@ -57,6 +57,16 @@ class RunPaths:
         return self.run_dir / "compile"
 
     @property
+    def stop_request(self) -> Path:
+        """Created by the train script when Slurm warns of the time limit: train saves a checkpoint and stops."""
+        return self.run_dir / "stop-requested"
+
+    @property
+    def stopped(self) -> Path:
+        """Written by train (rank 0) when it stopped on request with a checkpoint saved: the script requeues."""
+        return self.run_dir / "stopped-for-requeue"
+
+    @property
     def adapter(self) -> Path:
         """Final standard PEFT adapter (adapter_config.json + adapter_model.safetensors)."""
         return self.run_dir / "adapter"

@@ -37,9 +37,11 @@ class StageSpec:
     interpreter group, `train` for stages that need the training stack (environment.train_python), `tools` for
     the rest. `hub`: the only stage allowed to reach the Hugging Face hub. `template_dir`: None for the shipped
     templates; a directory for a stage added from outside the package (its template may import the shipped macros).
-    `config_keys`: the config keys (dotted; a section name covers the section) whose values the stage's result
-    depends on: a change to one of them invalidates a completed stage. `outputs`: what the stage leaves behind, as
-    paths; their file sizes and times make the digest that proves a completed stage still stands (stage_outputs).
+    `resumable`: long-running, checkpointed: its job is requeued (within cluster.max_restarts) and saves a
+    checkpoint before its time limit. `config_keys`: the config keys (dotted; a section name covers the section)
+    whose values the stage's result depends on: a change to one of them invalidates a completed stage. `outputs`:
+    what the stage leaves behind, as paths; their file sizes and times make the digest that proves a completed
+    stage still stands (stage_outputs).
     """
 
     name: str
@@ -50,6 +52,7 @@ class StageSpec:
     distributed: bool = False
     group: str = "tools"
     hub: bool = False
+    resumable: bool = False
     produces: tuple[Output, ...] = ()
     config_keys: tuple[str, ...] = ()
     outputs: Callable[[RunPaths, HyperjobConfig], tuple[Path, ...]] = field(default=lambda p, c: (), compare=False)
@@ -102,6 +105,7 @@ _BUILTIN = (
         entry="hyperjob.stages.train",
         distributed=True,
         group="train",
+        resumable=True,
         produces=(_ADAPTER,),
         config_keys=_SHAPES,
         outputs=lambda p, c: (p.run_dir / "train_summary.json", p.checkpoints),

@@ -13,6 +13,7 @@ session. Without root it skips (network namespaces need it); CI runs as root and
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -144,6 +145,29 @@ class Slurm2Cluster:
                 raise AssertionError(f"slurmd {pid} of {node} still alive 15s after {sig.name}")
             time.sleep(0.1)
         return pid
+
+    def node_pids(self, node: str) -> list[int]:
+        """Every process of the node: its network namespace's (slurmd, slurmstepd, the job's own)."""
+        proc = subprocess.run(["ip", "netns", "pids", node], capture_output=True, text=True, timeout=30, check=True)
+        return [int(p) for p in proc.stdout.split()]
+
+    def freeze_node(self, node: str) -> None:
+        """The node stops answering, all at once, as a host that hangs or drops off the network: no connection is
+        reset, so its peers' collectives hang and only slurmctld's SlurmdTimeout notices."""
+        for pid in self.node_pids(node):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGSTOP)
+
+    def reboot_node(self, node: str, timeout: float = 60) -> None:
+        """Kill everything the node ran (a reboot), then start its slurmd again."""
+        for pid in self.node_pids(node):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while self.node_pids(node):
+            assert time.monotonic() < deadline, f"processes of {node} survive SIGKILL: {self.node_pids(node)}"
+            time.sleep(0.2)
+        self.restart_slurmd(node, timeout)
 
     def restart_slurmd(self, node: str, timeout: float = 60) -> None:
         """Start the node's slurmd again (the start script starts only what is missing) and wait until every node

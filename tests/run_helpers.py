@@ -47,11 +47,11 @@ def only_run_dir(tmp_path: Path) -> Path:
     return run_dir
 
 
-def states(run_dir: Path) -> dict[str, str]:
+def states(run_dir: Path, env: dict[str, str] | None = None) -> dict[str, str]:
     """Each stage's state as `hyperjob status --json` reports it."""
     import json
 
-    out = hyperjob("status", str(run_dir), "--json")
+    out = hyperjob("status", str(run_dir), "--json", env=env)
     assert out.returncode == 0, out.stderr
     return {s["name"]: s["state"] for s in json.loads(out.stdout)["stages"]}
 

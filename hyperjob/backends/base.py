@@ -29,7 +29,8 @@ class Runtime:
     whether training.bf16 is honoured (else training runs in float32 and says so). `load_on_local_rank`: load the
     weights straight onto this rank's device (N ranks x a full host copy can exhaust host memory).
     `trainer`: the module whose `train(paths, cfg, compile_only)` trains on this backend; None: the transformers
-    Trainer of hyperjob.stages.train.
+    Trainer of hyperjob.stages.train. `save_on_request`: the trainer saves a checkpoint and stops when asked
+    (Slurm's USR2 before the time limit), and resumes from it when the job is requeued.
     """
 
     device: str = "cpu"
@@ -38,6 +39,7 @@ class Runtime:
     pad_to_multiple_of: int | None = None
     load_on_local_rank: bool = False
     trainer: str | None = None
+    save_on_request: bool = True
 
 
 @dataclass(frozen=True)

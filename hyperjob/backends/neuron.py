@@ -77,6 +77,7 @@ class NeuronBackend(Backend):
         bf16=True,
         pad_to_multiple_of=None,
         trainer="hyperjob.stages.train_neuron",
+        save_on_request=False,  # optimum-neuron 0.4.5 cannot resume: a requeued job would only stop (see README)
     )
 
     def check_layout(self, cfg: HyperjobConfig, world: int, facts: ModelFacts | None) -> int | None:

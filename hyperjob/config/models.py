@@ -84,6 +84,16 @@ class ClusterSection(_Model):
     qos: str | None = Field(default=None, pattern=_SLURM_WORD)
     time: str | None = Field(default=None, pattern=_SLURM_TIME)
     exclusive: bool = True
+    requeue: bool = Field(
+        default=True, description="Slurm requeues the train job after a node failure or preemption (--requeue)"
+    )
+    max_restarts: NonNegInt = Field(
+        default=3, description="restarts of the train job (requeues) before it fails instead of trying again"
+    )
+    save_before_time_limit: PositiveInt = Field(
+        default=300,
+        description="seconds before the time limit at which train saves a checkpoint, stops and is requeued",
+    )
     sbatch_extra: tuple[str, ...] = ()
     container_image: str | None = Field(default=None, min_length=1)
 

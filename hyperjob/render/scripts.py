@@ -38,6 +38,9 @@ class StageContext:
     nodes: int
     exclusive: bool
     sbatch_options: tuple[str, ...]
+    resumable: bool
+    max_restarts: int
+    save_on_request: bool
     env: tuple[tuple[str, str], ...]
     unset_env: tuple[str, ...]
     srun_extra: str
@@ -60,9 +63,13 @@ class RenderedStage:
     text: str
 
 
-def _sbatch_options(cfg: HyperjobConfig) -> tuple[str, ...]:
+def _sbatch_options(cfg: HyperjobConfig, row: StageSpec, backend: Backend) -> tuple[str, ...]:
     c = cfg.cluster
     opts = []
+    if row.resumable:
+        opts.append("--requeue" if c.requeue else "--no-requeue")
+        if backend.runtime.save_on_request:  # to this script (B:), which asks train to save and stop
+            opts.append(f"--signal=B:USR2@{c.save_before_time_limit}")
     if c.partition:
         opts.append(f"--partition={c.partition}")
     if c.account:
@@ -117,7 +124,10 @@ def stage_context(cfg: HyperjobConfig, plan: Plan, run_dir: Path, stage: str, in
         log_pattern=f"{slurm_filename(paths.logs)}/{RunPaths.log_name(index, stage, '%j')}",
         nodes=plan.nodes if row.distributed else 1,
         exclusive=cfg.cluster.exclusive and row.distributed,
-        sbatch_options=_sbatch_options(cfg),
+        sbatch_options=_sbatch_options(cfg, row, backend),
+        resumable=row.resumable,
+        max_restarts=cfg.cluster.max_restarts,
+        save_on_request=row.resumable and backend.runtime.save_on_request,
         env=stage_env(cfg, backend, row),
         unset_env=(cfg.model.token_env,) if cfg.model.token_env and not row.hub else (),
         srun_extra=_srun_extra(cfg),

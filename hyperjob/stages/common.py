@@ -21,6 +21,8 @@ from hyperjob.paths import RunPaths
 COMPLETE_MARKER = ".hyperjob-complete"
 # What a train entry (any backend) leaves in the run directory: steps, losses, wall time.
 SUMMARY_NAME = "train_summary.json"
+# A stage body's return value: stopped on request with its work saved (exit 0), but not complete (no marker).
+STOPPED_EARLY = -1
 
 
 class StageError(Exception):
@@ -92,6 +94,8 @@ def run_stage(
                 print(f"{who}: already complete ({done.why}); nothing to do", flush=True)
                 return 0
         code = body(paths, cfg)
+        if code == STOPPED_EARLY:
+            return 0
         if code == 0 and mark and rank() == 0:
             write_marker(paths, cfg, stage)
         return code

@@ -28,6 +28,7 @@ from hyperjob.fsutil import atomic_dir, write_json
 from hyperjob.paths import RunPaths, base_model_dir
 from hyperjob.plan.planner import make_plan, total_steps
 from hyperjob.stages.common import (
+    STOPPED_EARLY,
     SUMMARY_NAME,
     StageError,
     dtype_kwargs,
@@ -124,11 +125,18 @@ def train(paths: RunPaths, cfg: HyperjobConfig, compile_only: bool = False) -> i
         log.info("no complete checkpoint in %s: starting from step 0", paths.checkpoints)
 
     collator = PadCollator(pad_id_of(tokenizer), pad_to_multiple_of=runtime.pad_to_multiple_of)
+    stopper = stop_on_request(paths.stop_request)
     trainer = Trainer(
         model=model, args=args, train_dataset=examples, data_collator=collator, processing_class=tokenizer,
-        callbacks=fault_callbacks(),
+        callbacks=[*fault_callbacks(), stopper],
     )  # fmt: skip
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    if stopper.stopped:
+        if trainer.is_world_process_zero():
+            paths.stopped.write_text(f"{trainer.state.global_step}\n")
+            log.info("stopped on request at step %d with its checkpoint saved", trainer.state.global_step)
+        _finish_distributed()
+        return STOPPED_EARLY
 
     if trainer.is_world_process_zero():
         with atomic_dir(paths.adapter) as tmp:
@@ -167,6 +175,29 @@ def _finish_distributed() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def stop_on_request(request: Path) -> Any:
+    """A callback that, once `request` exists (the train script creates it when Slurm warns of the time limit),
+    saves a checkpoint at the end of the current step and stops training. Every rank must stop at the same step, so
+    the ranks agree on whether the file exists (a max over them) before acting."""
+    import torch
+    import torch.distributed as dist
+    from transformers import TrainerCallback
+
+    class StopOnRequest(TrainerCallback):
+        stopped = False
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            asked = torch.tensor([int(request.exists())], device=args.device)
+            if dist.is_available() and dist.is_initialized():
+                dist.all_reduce(asked, op=dist.ReduceOp.MAX)
+            if asked.item():
+                control.should_save = True
+                control.should_training_stop = True
+                self.stopped = True
+
+    return StopOnRequest()
 
 
 FAULT_ENV = "HYPERJOB_FAULT_AFTER_SAVE"
