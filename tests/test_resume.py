@@ -196,3 +196,40 @@ def test_a_stage_run_again_on_its_completed_outputs_does_nothing(tmp_path: Path,
     (model / "config.json").write_text((model / "config.json").read_text() + " ")
     third = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
     assert "nothing to do" not in third.stdout, third.stdout  # the stage ran (its own checks decide the rest)
+
+
+@pytest.mark.slow
+def test_merge_killed_mid_write_leaves_no_model_and_resume_completes_it(tmp_path: Path) -> None:
+    """kill -9 of the merge while it writes: nothing at merged/, and resume redoes only the merge."""
+    import signal
+    import time
+
+    from run_helpers import run_processes
+
+    cfg = config(tmp_path, ["download", "train", "merge"], training={"max_steps": 2, "save_steps": 2},
+                 merge={"max_shard_size": "20KB", "max_memory": "20MB"})  # fmt: skip
+    out = hyperjob("submit", str(cfg), "--scheduler", "local")
+    assert out.returncode == 0, out.stdout + out.stderr
+    run_dir = only_run_dir(tmp_path)
+    deadline, killed = time.monotonic() + 300, None
+    merge_record = run_dir / "outcomes" / "03-merge.outcome"
+    while killed is None and time.monotonic() < deadline:
+        assert "exit_code=" not in (merge_record.read_text() if merge_record.exists() else ""), "merge ended first"
+        if any(run_dir.glob(".merged.*.partial")):  # the merge is writing its shards now
+            for pid, cmd in run_processes(run_dir).items():
+                if "hyperjob.stages.merge" in cmd and "bash" not in cmd.split()[0]:
+                    os.kill(pid, signal.SIGKILL)
+                    killed = pid
+        time.sleep(0.005)
+    assert killed is not None, "never saw the merge writing"
+    deadline = time.monotonic() + 60
+    while states(run_dir)["merge"] not in ("FAILED", "COMPLETED"):
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    assert states(run_dir)["merge"] == "FAILED"
+    assert not (run_dir / "merged").exists(), "a partial model at the final path"
+    out = hyperjob("resume", str(run_dir), "--wait", "--poll", "1")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "train        keep" in out.stdout and "merge        redo" in out.stdout
+    assert (run_dir / "merged" / "model.safetensors.index.json").is_file()
+    assert not list(run_dir.glob(".merged.*.partial"))

@@ -16,7 +16,8 @@ DESCRIPTION = """\
 Resume a run that stopped part-way (a failed stage, a cancel, a lost job, a node that died): stages that
 completed are kept, and so are stages still queued or running (what is redone waits for them); every other
 stage is submitted again with the same scheduler, in order, and so is everything after it. A train stage that
-is redone resumes from its newest complete checkpoint.
+is redone resumes from its newest complete checkpoint (cpu, cuda; on Trainium it stops instead, saying what to
+do: optimum-neuron 0.4.5 cannot resume).
 
 A completed stage counts only when its script recorded exit 0 and its completion marker still holds: the config
 values it depends on, its outputs (files, sizes, times) and the stage before it are unchanged. If the config now
