@@ -48,6 +48,7 @@ import json
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -300,17 +301,33 @@ class Bench:
         return rc, out, run_dir
 
     def baseline(self, setup: Setup) -> Row:
+        """The uninterrupted run, --baselines times: its wall is the median, its outputs the first run's (the
+        others must match them: the pipeline is deterministic, or no comparison below would mean anything)."""
         row = Row("none (baseline)", setup.name)
-        where = self.where(f"{setup.name}-baseline")
-        t0 = time.monotonic()
-        rc, out, run_dir = self.submit_wait(where, setup)
-        row.wall = time.monotonic() - t0
-        if rc != 0:
-            raise NotRecovered(f"the uninterrupted run failed (exit {rc}): {out.strip()[-400:]}")
-        require_completed(run_dir, setup.env)
-        setup.baseline, setup.baseline_wall = run_dir, row.wall
+        walls, agree = [], []
+        for i in range(1, self.args.baselines + 1):
+            where = self.where(f"{setup.name}-baseline-{i}")
+            t0 = time.monotonic()
+            rc, out, run_dir = self.submit_wait(where, setup)
+            walls.append(time.monotonic() - t0)
+            if rc != 0:
+                raise NotRecovered(f"the uninterrupted run failed (exit {rc}): {out.strip()[-400:]}")
+            require_completed(run_dir, setup.env)
+            if setup.baseline is None:
+                setup.baseline = run_dir
+                continue
+            lost, text = compare(run_dir, setup.baseline, setup.training["max_steps"], merged=True)
+            if lost:
+                raise NotRecovered(f"two uninterrupted runs differ ({text}): the pipeline is not deterministic")
+            agree.append(text.split(": ", 1)[1])
+        row.wall = setup.baseline_wall = statistics.median(walls)
         row.recovered, row.overhead, row.data = "-", 1.0, "(reference)"
-        row.evidence = f"{summary(run_dir)['steps']} steps, world size {summary(run_dir)['world_size']}"
+        s = summary(setup.baseline)
+        row.evidence = f"{s['steps']} steps, world size {s['world_size']}; wall of {len(walls)} run(s): " + ", ".join(
+            f"{w:.1f}" for w in walls
+        )
+        if agree:
+            row.evidence += f"; the runs agree ({'; '.join(agree)})"
         return row
 
     def finish_row(self, row: Row, setup: Setup, run_dir: Path, t0: float, merged: bool = False) -> Row:
@@ -639,6 +656,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="also freeze a node of the two-node Slurm (.ci/slurm/start-2node.sh; root)",
     )
+    p.add_argument(
+        "--baselines",
+        type=int,
+        default=None,
+        help="uninterrupted runs per scheduler; the median wall is the reference (default 2, --quick 1)",
+    )
     p.add_argument("--merge-tries", type=int, default=4, help="fresh runs to try catching the merge mid-write")
     p.add_argument("--timeout", type=float, default=600, help="seconds any one hyperjob command may take")
     args = p.parse_args(argv)
@@ -647,6 +670,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"unknown faults {sorted(unknown)}; choose from {', '.join(ALL_FAULTS)}")
     args.steps, args.save_steps = (30, 5) if args.quick else (60, 5)
     args.fault_step = args.steps // 2
+    if args.baselines is None:
+        args.baselines = 1 if args.quick else 2
     args.steps2 = 100 if args.quick else 200
     return args
 

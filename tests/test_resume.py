@@ -115,7 +115,11 @@ def _resume_flow(tmp_path: Path, scheduler: str, env: dict[str, str]) -> None:
     out = hyperjob("submit", str(cfg), "--scheduler", scheduler, "--wait", "--poll", "1", env={**env, **FAULT})
     assert out.returncode == 1, out.stdout + out.stderr
     run_dir = only_run_dir(tmp_path / "a")
-    assert states(run_dir) == {"download": "COMPLETED", "train": "FAILED", "merge": "CANCELLED"}
+    assert states(run_dir, env) == {"download": "COMPLETED", "train": "FAILED", "merge": "CANCELLED"}
+    assert "stage train failed (exit 1)" in out.stdout and f"resume with: hyperjob resume {run_dir}" in out.stdout
+    status = json.loads(hyperjob("status", str(run_dir), "--json", env=env).stdout)
+    train = next(s for s in status["stages"] if s["name"] == "train")
+    assert train["exit_code"] == "1:0" and "fault injected after saving step 8" in train["error"], train
     before = _records(run_dir)
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["checkpoint-4", "checkpoint-8"]
 
@@ -124,7 +128,7 @@ def _resume_flow(tmp_path: Path, scheduler: str, env: dict[str, str]) -> None:
     assert "download     keep" in out.stdout and "train        redo  FAILED" in out.stdout
     after = _records(run_dir)
     assert after["download"] == before["download"], "download was run again"
-    assert states(run_dir) == {"download": "COMPLETED", "train": "COMPLETED", "merge": "COMPLETED"}
+    assert states(run_dir, env) == {"download": "COMPLETED", "train": "COMPLETED", "merge": "COMPLETED"}
     train_log = Path(after["train"]["log"]).read_text()
     assert "resuming from checkpoint-8: step 8 of 12 done" in train_log
     assert json.loads((run_dir / "train_summary.json").read_text())["resumed_from"] == "checkpoint-8"

@@ -1145,3 +1145,19 @@ def test_cancel_run(tmp_path: Path) -> None:
     assert read_manifest(tmp_path) == out
     refreshed = replace(m, stages=(m.stages[0], m.stages[1], replace(m.stages[2], reason="Dependency")))
     assert fake.calls[-1] == ("cancel", tmp_path, refreshed)
+
+
+def test_refresh_cancels_stages_stranded_behind_a_failed_one(tmp_path: Path) -> None:
+    """Slurm may leave a job pending with DependencyNeverSatisfied (kill-on-invalid-dep off or slow): hyperjob
+    cancels it itself, at once, instead of showing PENDING until someone looks."""
+    live = {"train": LiveState(S.FAILED, "", "1:0"), "merge": LiveState(S.PENDING, "DependencyNeverSatisfied", None)}
+    fake = RecordingScheduler("fake", [live])
+    m = manifest_of(tmp_path, "fake", download=rec(1, S.COMPLETED, "11"), train=rec(2, S.RUNNING, "12"),
+                    merge=rec(3, S.PENDING, "13"))  # fmt: skip
+    write_manifest(tmp_path, m)
+    with registry.registered(fake):  # type: ignore[arg-type]
+        out = refresh(tmp_path)
+    assert [r.state for r in out.stages] == [S.COMPLETED, S.FAILED, S.CANCELLED]
+    assert out.stages[2].reason.startswith("DependencyNeverSatisfied: cancelled by hyperjob")
+    cancels = [c for c in fake.calls if c[0] == "cancel"]
+    assert len(cancels) == 1 and [r.name for r in cancels[0][2].stages] == ["merge"]  # type: ignore[attr-defined]

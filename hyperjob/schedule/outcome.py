@@ -119,6 +119,18 @@ def combine(
     return replace(rec, state=StageState.LOST, reason=why)
 
 
+def stranded(manifest: Manifest) -> list[StageRecord]:
+    """Stages still pending behind a stage that did not succeed: afterok will never let them start, and Slurm's
+    --kill-on-invalid-dep can be slow or off (a cluster default), so hyperjob cancels them itself."""
+    out: list[StageRecord] = []
+    failed = False
+    for rec in manifest.stages:
+        if failed and rec.is_open and rec.state is StageState.PENDING:
+            out.append(rec)
+        failed = failed or (rec.state.is_terminal and not rec.state.is_success)
+    return out
+
+
 def combine_all(
     manifest: Manifest, live: Mapping[str, LiveState], outcomes: Mapping[str, Outcome], who: str
 ) -> Manifest:

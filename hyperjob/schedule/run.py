@@ -23,7 +23,7 @@ from hyperjob.render.scripts import RenderedStage, render_run
 from hyperjob.schedule import registry
 from hyperjob.schedule.base import Echo, Scheduler, SchedulerError, SubmitRequest
 from hyperjob.schedule.manifest import Manifest, StageRecord, now, read_manifest, write_manifest
-from hyperjob.schedule.outcome import combine_all, read_outcomes
+from hyperjob.schedule.outcome import combine_all, read_outcomes, stranded
 from hyperjob.schedule.states import StageState
 
 
@@ -89,6 +89,12 @@ def refresh(run_dir: Path) -> Manifest:
     scheduler = registry.get(manifest.scheduler)
     live = scheduler.query(run_dir, manifest)
     updated = combine_all(manifest, live, read_outcomes(run_dir, manifest), scheduler.name)
+    stuck = stranded(updated)
+    if stuck:
+        scheduler.cancel(run_dir, replace(updated, stages=tuple(stuck)))
+        for rec in stuck:
+            why = f"DependencyNeverSatisfied: cancelled by hyperjob ({rec.reason or 'a stage before it failed'})"
+            updated = updated.with_stage(replace(rec, state=StageState.CANCELLED, reason=why))
     if updated != manifest:
         write_manifest(run_dir, updated)
     return updated
