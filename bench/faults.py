@@ -9,11 +9,14 @@ times an uninterrupted run of the same config (the baseline), then runs the same
   usr2        (slurm)         `scancel --signal=USR2 --batch JOB` on train once its first checkpoint exists (what
                               Slurm sends before the time limit): train saves, stops and requeues itself
   requeue     (slurm)         `scontrol requeue JOB` on train once its first checkpoint exists
-  merge-kill  (local)         SIGKILL to the merge stage's python while it writes the merged model (its
-                              `.merged.*.partial` directory exists); `merged/` must not exist afterwards, then
-                              `hyperjob resume RUN --wait` redoes the merge alone. The write takes ~10-20 ms on the
-                              tiny model, so the script polls for it every 0.2 ms and kills at once; a try that
-                              misses (the merge finished first) is repeated on a fresh run, up to --merge-tries
+  merge-kill  (local)         SIGKILL to the merge stage's python (found by `hyperjob.stages.merge` and the run dir
+                              in its command line) while it writes the merged model: once its `.merged.*.partial`
+                              directory holds shard files. `merged/` must not exist afterwards, then
+                              `hyperjob resume RUN --wait` redoes the merge alone. The write takes ~10 ms on the
+                              tiny model (merge.max_memory cannot stretch it: its floor, 16 MiB reserve + 1 MiB
+                              chunk, already holds every tensor of the tiny model, and below it the merge refuses
+                              to start), so the script polls every 0.2 ms and kills at once; a try that misses
+                              (the merge finished first) is repeated on a fresh run, up to --merge-tries
   node-freeze (slurm2)        with --two-node: a 2 nodes x 2 processes train on the two-node test Slurm, one node
                               frozen mid-training (SIGSTOP to every process in its network namespace) with
                               cluster.requeue true; once Slurm has requeued the job the node is "rebooted" (its
@@ -108,6 +111,7 @@ class Setup:
     training: dict[str, Any]
     cluster: dict[str, Any] = field(default_factory=dict)
     env: dict[str, str] = field(default_factory=dict)
+    cluster_base: Path | None = None  # the Slurm test cluster's state directory (its slurmctld pid file)
     baseline: Path | None = None
     baseline_wall: float | None = None
 
@@ -305,6 +309,7 @@ class Bench:
         others must match them: the pipeline is deterministic, or no comparison below would mean anything)."""
         row = Row("none (baseline)", setup.name)
         walls, agree = [], []
+        setup.baseline = setup.baseline_wall = None
         for i in range(1, self.args.baselines + 1):
             where = self.where(f"{setup.name}-baseline-{i}")
             t0 = time.monotonic()
@@ -322,6 +327,7 @@ class Bench:
             agree.append(text.split(": ", 1)[1])
         row.wall = setup.baseline_wall = statistics.median(walls)
         row.recovered, row.overhead, row.data = "-", 1.0, "(reference)"
+        assert setup.baseline is not None
         s = summary(setup.baseline)
         row.evidence = f"{s['steps']} steps, world size {s['world_size']}; wall of {len(walls)} run(s): " + ", ".join(
             f"{w:.1f}" for w in walls
@@ -577,6 +583,17 @@ def conf_if_running(base: Path) -> str | None:
     return next((ln.split("=", 1)[1].strip() for ln in lines if ln.startswith("export SLURM_CONF=")), None)
 
 
+def controller(base: Path | None) -> tuple[str, str] | None:
+    """(pid, start time) of the cluster's slurmctld: changes when it is restarted."""
+    if base is None:
+        return None
+    try:
+        pid = (base / "run" / "slurmctld.pid").read_text().strip()
+        return pid, Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
 def run_script(name: str, timeout: float = 900) -> None:
     proc = subprocess.run(["bash", str(REPO / ".ci" / "slurm" / name)], capture_output=True, text=True,
                           timeout=timeout, check=False)  # fmt: skip
@@ -689,16 +706,30 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[Row] = []
     started_here: list[str] = []
 
-    def run_row(fault: str, sched: str, fn: Callable[[], Row]) -> Row:
-        print(f"[{time.monotonic() - t_all:6.0f}s] {fault} ({sched}) ...", flush=True)
-        try:
-            row = fn()
-        except Missed as e:
-            row = Row(fault, sched, "missed", evidence=f"not injected: {e}")
-        except (NotRecovered, AssertionError, OSError, subprocess.SubprocessError, KeyError, ValueError) as e:
-            row = Row(fault, sched, "no", evidence=f"{type(e).__name__}: {e}")
-        print(f"         -> recovered {row.recovered}; data {row.data or '-'}; "
-              f"wall {row.wall and round(row.wall, 1)}; {row.evidence}", flush=True)  # fmt: skip
+    def run_row(fault: str, setup: Setup, fn: Callable[[], Row]) -> Row:
+        """One row; retried once if the cluster's slurmctld was restarted meanwhile (not by us: on a shared
+        machine another test session may restart the test cluster, cancelling every job)."""
+        for attempt in (1, 2):
+            print(f"[{time.monotonic() - t_all:6.0f}s] {fault} ({setup.name}) ...", flush=True)
+            before = controller(setup.cluster_base)
+            try:
+                row = fn()
+            except Missed as e:
+                row = Row(fault, setup.name, "missed", evidence=f"not injected: {e}")
+            except (NotRecovered, AssertionError, OSError, subprocess.SubprocessError, KeyError, ValueError) as e:
+                row = Row(fault, setup.name, "no", evidence=f"{type(e).__name__}: {e}")
+            restarted = controller(setup.cluster_base) != before
+            print(f"         -> recovered {row.recovered}; data {row.data or '-'}; "
+                  f"wall {row.wall and round(row.wall, 1)}; {row.evidence}", flush=True)  # fmt: skip
+            if restarted and attempt == 1 and row.recovered in ("no", "missed"):
+                print("         (slurmctld was restarted during this row by something else: trying it again)")
+                bench.cancel_live()
+                continue
+            if restarted:
+                row.evidence += " (slurmctld was restarted by something else during this row)"
+            if attempt == 2:
+                row.evidence += " (second try: slurmctld was restarted by something else during the first)"
+            break
         rows.append(row)
         return row
 
@@ -710,7 +741,7 @@ def main(argv: list[str] | None = None) -> int:
             started_here.append("stop.sh")
             conf = conf_if_running(SLURM1_BASE)
         if conf is not None and args.slurm != "no" and shutil.which("sbatch"):
-            setups.append(Setup("slurm", "slurm", training, env={"SLURM_CONF": conf}))
+            setups.append(Setup("slurm", "slurm", training, env={"SLURM_CONF": conf}, cluster_base=SLURM1_BASE))
         elif args.slurm != "no":
             stopped.append("no single-node Slurm running (start: bash .ci/slurm/start.sh, or --slurm yes)")
         two: TwoNode | None = None
@@ -725,7 +756,7 @@ def main(argv: list[str] | None = None) -> int:
             training2 = {**training, "max_steps": args.steps2, "save_steps": 10}
             cluster2 = {"nodes": 2, "devices_per_node": 2, "partition": two.partition, "time": "00:20:00",
                         "requeue": True}  # fmt: skip
-            setups.append(Setup("slurm2", "slurm", training2, cluster2, env=two.env))
+            setups.append(Setup("slurm2", "slurm", training2, cluster2, env=two.env, cluster_base=SLURM2_BASE))
 
         plan: dict[str, list[tuple[str, Callable[[Setup], Row]]]] = {
             "local": [("after-save", bench.after_save), ("merge-kill", bench.merge_kill)],
@@ -736,12 +767,12 @@ def main(argv: list[str] | None = None) -> int:
             todo = [(f, fn) for f, fn in plan[setup.name] if f in args.faults]
             if not todo:
                 continue
-            base = run_row("none (baseline)", setup.name, lambda s=setup: bench.baseline(s))  # type: ignore[misc]
+            base = run_row("none (baseline)", setup, lambda s=setup: bench.baseline(s))  # type: ignore[misc]
             if base.recovered != "-":
                 stopped.append(f"{setup.name}: the baseline failed, its faults were not run")
                 continue
             for fault, fn in todo:
-                run_row(fault, setup.name, lambda fn=fn, s=setup: fn(s))  # type: ignore[misc]
+                run_row(fault, setup, lambda fn=fn, s=setup: fn(s))  # type: ignore[misc]
     except KeyboardInterrupt:
         stopped.append("interrupted")
     finally:
@@ -756,8 +787,11 @@ def main(argv: list[str] | None = None) -> int:
 
     total = time.monotonic() - t_all
     print()
-    print(f"{started:%Y-%m-%d %H:%M} UTC, {os.cpu_count()} CPUs, {args.steps} steps (save every {args.save_steps}), "
-          f"whole benchmark {total:.0f} s\n")  # fmt: skip
+    two_text = f"; two-node: {args.steps2} steps (save every 10)" if args.two_node else ""
+    print(
+        f"{started:%Y-%m-%d %H:%M} UTC, {os.cpu_count()} CPUs; local and slurm: {args.steps} steps (save every "
+        f"{args.save_steps}){two_text}; {args.baselines} baseline run(s) per scheduler; whole benchmark {total:.0f} s\n"
+    )
     print(table(rows))
     for line in stopped:
         print(f"\nnote: {line}")

@@ -81,17 +81,8 @@ for node in "${NODES[@]}"; do mkdir -p "$BASE/spool/$node"; done
 # munged needs a socket directory that everybody may search and nobody else may write.
 chmod 755 "$BASE" "$BASE/munge"
 
-# is_ours PIDFILE NAME [ARG]: the pid in PIDFILE is alive (not a zombie) and is NAME started with our BASE (and ARG,
-# e.g. the node name of a slurmd). A stale pid file whose pid was reused by another process does not count.
-is_ours() {
-  local pid state cmdline
-  pid=$(cat "$1" 2>/dev/null) || return 1
-  [[ "$pid" =~ ^[0-9]+$ ]] || return 1
-  state=$(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null) || return 1
-  [ "$state" != Z ] || return 1
-  cmdline=$(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null) || return 1
-  [[ "$cmdline" == *"$2"*"$BASE"*"${3:-}"* ]]
-}
+# shellcheck source=.ci/slurm/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 # --- 2. Network: bridge, one namespace and veth pair per node ----------------------------------------
 # has_addr NETNS DEV ADDR: DEV (in NETNS, or in the root namespace when NETNS is empty) already holds ADDR.
@@ -139,9 +130,6 @@ mv -f "$HOSTS.tmp" "$HOSTS"
 chmod 644 "$HOSTS"
 
 # --- 3. What to start --------------------------------------------------------------------------------
-# port_taken ADDR PORT: something already listens there (bash's /dev/tcp, no extra tools).
-port_taken() { (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null; }
-
 start_ctld=1
 if is_ours "$BASE/run/slurmctld.pid" slurmctld; then start_ctld=0; fi
 if [ "$start_ctld" = 1 ] && port_taken "$CTLD_ADDR" "$CTLD_PORT"; then
@@ -149,19 +137,7 @@ if [ "$start_ctld" = 1 ] && port_taken "$CTLD_ADDR" "$CTLD_PORT"; then
 fi
 
 # --- 4. munge ------------------------------------------------------------------------------------------
-KEY=$BASE/munge/munge.key
-if [ ! -s "$KEY" ]; then
-  mungekey --create --keyfile="$KEY" 2>/dev/null || dd if=/dev/urandom of="$KEY" bs=1024 count=1 2>/dev/null
-  chmod 600 "$KEY"
-fi
-if is_ours "$BASE/munge/munged.pid" munged; then
-  log "munged already running"
-else
-  rm -f "$BASE/munge/munge.socket" "$BASE/munge/munge.socket.lock"
-  log "starting munged"
-  munged --key-file="$KEY" --socket="$BASE/munge/munge.socket" --pid-file="$BASE/munge/munged.pid" \
-    --log-file="$BASE/log/munged.log" --seed-file="$BASE/munge/munged.seed"
-fi
+start_munged
 
 # --- 5. slurm.conf and slurmctld ------------------------------------------------------------------------
 # Rewritten only while slurmctld is down, so a running controller never sees its config change.

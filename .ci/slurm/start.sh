@@ -65,46 +65,21 @@ mkdir -p "$BASE/etc" "$BASE/run" "$BASE/state" "$BASE/spool" "$BASE/log" "$BASE/
 # munged refuses a socket directory that is world-writable or not searchable.
 chmod 755 "$BASE" "$BASE/munge"
 
-# is_ours PIDFILE NAME: the pid in PIDFILE is alive (not a zombie) and is NAME started with our BASE.
-# Checking the command line guards against a stale pid file whose pid was reused by another process.
-is_ours() {
-  local pid state cmdline
-  pid=$(cat "$1" 2>/dev/null) || return 1
-  [[ "$pid" =~ ^[0-9]+$ ]] || return 1
-  state=$(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null) || return 1
-  [ "$state" != Z ] || return 1
-  cmdline=$(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null) || return 1
-  [[ "$cmdline" == *"$2"*"$BASE"* ]]
-}
+# shellcheck source=.ci/slurm/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-# port_taken PORT: something already listens on 127.0.0.1:PORT (bash's /dev/tcp, no extra tools).
-port_taken() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-
-# Decide up front what to start, and fail before starting anything if a port is already in use.
 start_ctld=1 start_slurmd=1
 if is_ours "$BASE/run/slurmctld.pid" slurmctld; then start_ctld=0; fi
 if is_ours "$BASE/run/slurmd.pid" slurmd; then start_slurmd=0; fi
-if [ "$start_ctld" = 1 ] && port_taken "$CTLD_PORT"; then
+if [ "$start_ctld" = 1 ] && port_taken 127.0.0.1 "$CTLD_PORT"; then
   die "port $CTLD_PORT is taken (another slurmctld?); set HYPERJOB_SLURMCTLD_PORT"
 fi
-if [ "$start_slurmd" = 1 ] && port_taken "$SLURMD_PORT"; then
+if [ "$start_slurmd" = 1 ] && port_taken 127.0.0.1 "$SLURMD_PORT"; then
   die "port $SLURMD_PORT is taken (another slurmd?); set HYPERJOB_SLURMD_PORT"
 fi
 
 # --- 2. munge ----------------------------------------------------------------------------------
-KEY=$BASE/munge/munge.key
-if [ ! -s "$KEY" ]; then
-  mungekey --create --keyfile="$KEY" 2>/dev/null || dd if=/dev/urandom of="$KEY" bs=1024 count=1 2>/dev/null
-  chmod 600 "$KEY"
-fi
-if is_ours "$BASE/munge/munged.pid" munged; then
-  log "munged already running"
-else
-  rm -f "$BASE/munge/munge.socket" "$BASE/munge/munge.socket.lock"
-  log "starting munged"
-  munged --key-file="$KEY" --socket="$BASE/munge/munge.socket" --pid-file="$BASE/munge/munged.pid" \
-    --log-file="$BASE/log/munged.log" --seed-file="$BASE/munge/munged.seed"
-fi
+start_munged
 
 # --- 3. slurm.conf and slurmctld ---------------------------------------------------------------
 # hw_field NAME LINE: the value of NAME=value in a `slurmd -C` line.

@@ -21,44 +21,11 @@ log() { echo "[hyperjob-slurm2 stop $(date +%T)] $*" >&2; }
 
 [ "$(id -u)" = 0 ] || { log "ERROR: must run as root"; exit 1; }
 
-# is_ours PID NAME [ARG]: PID is alive (not a zombie) and is NAME started with our BASE (and ARG).
-is_ours() {
-  local state cmdline
-  [[ "$1" =~ ^[0-9]+$ ]] || return 1
-  state=$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null) || return 1
-  [ "$state" != Z ] || return 1
-  cmdline=$(tr '\0' ' ' <"/proc/$1/cmdline" 2>/dev/null) || return 1
-  [[ "$cmdline" == *"$2"*"$BASE"*"${3:-}"* ]]
-}
-
-# stop_daemon NAME PIDFILE [ARG]: TERM, up to 10 s, then KILL.
-stop_daemon() {
-  local name=$1 pidfile=$2 pid
-  pid=$(cat "$pidfile" 2>/dev/null || true)
-  if [ -z "$pid" ]; then
-    log "$name${3:+ $3}: no pid file, nothing to stop"
-    return 0
-  fi
-  if ! is_ours "$pid" "$name" "${3:-}"; then
-    log "$name${3:+ $3}: pid $pid is not ours (already stopped); removing stale pid file"
-    rm -f "$pidfile"
-    return 0
-  fi
-  log "stopping $name${3:+ $3} (pid $pid)"
-  kill -TERM "$pid" 2>/dev/null || true
-  for _ in $(seq 1 100); do
-    is_ours "$pid" "$name" "${3:-}" || break
-    sleep 0.1
-  done
-  if is_ours "$pid" "$name" "${3:-}"; then
-    log "$name${3:+ $3} did not exit after 10s; sending SIGKILL"
-    kill -KILL "$pid" 2>/dev/null || true
-  fi
-  rm -f "$pidfile"
-}
+# shellcheck source=.ci/slurm/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 # 1. Cancel every job of this cluster while the controller is up, and give them a moment to end.
-if is_ours "$(cat "$BASE/run/slurmctld.pid" 2>/dev/null || true)" slurmctld; then
+if pid_is_ours "$(cat "$BASE/run/slurmctld.pid" 2>/dev/null || true)" slurmctld; then
   mapfile -t jobs < <(squeue --noheader --format=%A 2>/dev/null || true)
   if [ "${#jobs[@]}" -gt 0 ]; then
     log "cancelling ${#jobs[@]} job(s): ${jobs[*]}"
