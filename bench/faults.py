@@ -37,9 +37,9 @@ stopped again at the end if started here) or are skipped (--slurm no). --two-nod
 Exit status: 0 every fault recovered with no data lost; 1 some fault was not recovered or lost data; 3 all that
 ran recovered, but some fault could not be injected where it should (e.g. training ended before the signal).
 
-    .venv/bin/python bench/faults.py                 # local + single-node Slurm, ~6-10 min on 2 cores
-    .venv/bin/python bench/faults.py --quick         # shorter training, ~4-6 min
-    .venv/bin/python bench/faults.py --two-node      # also the node freeze (root; adds a few minutes)
+    .venv/bin/python bench/faults.py                 # local + single-node Slurm: ~4 min on 2 cores
+    .venv/bin/python bench/faults.py --quick         # shorter training, one baseline run each: ~3 min
+    .venv/bin/python bench/faults.py --two-node      # also the node freeze (root): ~3 min more
     .venv/bin/python bench/faults.py --faults after-save,merge-kill --slurm no
 """
 
