@@ -17,6 +17,7 @@ import importlib
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -33,6 +34,7 @@ from hyperjob.stages.common import (
     StageError,
     dtype_kwargs,
     last_logged_loss,
+    rank,
     read_token,
     require_model_dir,
     run_stage,
@@ -164,14 +166,35 @@ def train(paths: RunPaths, cfg: HyperjobConfig, compile_only: bool = False) -> i
     return 0
 
 
+# After the outputs are saved, a process still alive this long is stuck in teardown and is ended with exit 0.
+TEARDOWN_GRACE_S = 120.0
+
+
+def _teardown_hung() -> None:
+    print(
+        f"hyperjob train: warning: rank {rank()} still shutting down {TEARDOWN_GRACE_S:.0f}s after its outputs were "
+        "saved (a hung process-group teardown); exiting",
+        file=sys.stderr,
+        flush=True,
+    )
+    os._exit(0)
+
+
 def _finish_distributed() -> None:
     """Every rank waits for rank 0's saves, then leaves the process group together.
 
     A rank that simply exits while another still works can abort in the communication library's teardown
-    ("terminate called without an active exception", SIGABRT), failing a stage whose training succeeded.
+    ("terminate called without an active exception", SIGABRT), failing a stage whose training succeeded. And a
+    teardown can hang (seen once, on a rank of a job requeued after a node failure, after training had finished):
+    a watchdog then ends the process, since its work is saved, instead of holding the job until its time limit.
     """
+    import threading
+
     import torch.distributed as dist
 
+    watchdog = threading.Timer(TEARDOWN_GRACE_S, _teardown_hung)
+    watchdog.daemon = True  # never keeps a process alive; still fires during a hang at interpreter exit
+    watchdog.start()
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
