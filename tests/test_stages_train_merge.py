@@ -274,3 +274,20 @@ def test_parse_size() -> None:
     assert parse_size("200KB") == 200_000 and parse_size("1.5GiB") == 3 * 2**29 and parse_size("7B") == 7
     with pytest.raises(ValueError, match="must be a number"):
         parse_size("5 parsecs")
+
+
+def test_a_hung_teardown_ends_with_exit_0_after_the_grace_period() -> None:
+    """After the outputs are saved, a rank stuck in teardown (here: sleeping) is ended by the watchdog, exit 0."""
+    import subprocess
+    import sys
+    import time
+
+    code = (
+        "import time; from hyperjob.stages import train; train.TEARDOWN_GRACE_S = 1.0; "
+        "train._finish_distributed(); time.sleep(60)"
+    )
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert time.monotonic() - started < 30
+    assert "still shutting down 1s after its outputs were saved" in proc.stderr
