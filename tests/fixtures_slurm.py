@@ -49,8 +49,13 @@ def _conf_from_env_sh(base: Path) -> str | None:
             return None
     except (OSError, ValueError):
         return None
+    return conf_in_env_sh(base / "env.sh")
+
+
+def conf_in_env_sh(env_sh: Path) -> str | None:
+    """The SLURM_CONF a cluster start script wrote into its env.sh (`export SLURM_CONF=...`), if any."""
     try:
-        lines = (base / "env.sh").read_text().splitlines()
+        lines = env_sh.read_text().splitlines()
     except OSError:
         return None
     for line in lines:

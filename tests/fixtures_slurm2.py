@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from fixtures_slurm import conf_in_env_sh
 
 __all__ = ["Slurm2Cluster", "require_slurm2_for_marked_tests", "slurm2_cluster"]
 
@@ -58,14 +59,7 @@ def _conf_if_running(base: Path) -> str | None:
     against a dead controller)."""
     if _pid_of(base / "run" / "slurmctld.pid", "slurmctld") is None:
         return None
-    try:
-        lines = (base / "env.sh").read_text().splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        if line.startswith("export SLURM_CONF="):
-            return line.split("=", 1)[1].strip()
-    return None
+    return conf_in_env_sh(base / "env.sh")
 
 
 def _script(script: Path, timeout: float) -> subprocess.CompletedProcess[str]:

@@ -56,6 +56,14 @@ def states(run_dir: Path, env: dict[str, str] | None = None) -> dict[str, str]:
     return {s["name"]: s["state"] for s in json.loads(out.stdout)["stages"]}
 
 
+def final_losses(run_dir: Path, step: int) -> dict[int, float]:
+    """The logged loss of every step, from the trainer state of `checkpoint-<step>` (the run's last)."""
+    import json
+
+    state = json.loads((run_dir / "checkpoints" / f"checkpoint-{step}" / "trainer_state.json").read_text())
+    return {e["step"]: e["loss"] for e in state["log_history"] if "loss" in e}
+
+
 def wait_for(what: str, done: Callable[[], bool], timeout: float = 120.0, poll: float = 0.2) -> None:
     deadline = time.monotonic() + timeout
     while not done():

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from fixtures_slurm import SlurmCluster
-from run_helpers import config, hyperjob, only_run_dir, states, wait_for
+from run_helpers import config, final_losses, hyperjob, only_run_dir, states, wait_for
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -21,8 +21,7 @@ TRAINING = {"max_steps": STEPS, "save_steps": 5, "logging_steps": 1, "warmup": 0
 
 
 def _losses(run_dir: Path) -> dict[int, float]:
-    state = json.loads((run_dir / "checkpoints" / f"checkpoint-{STEPS}" / "trainer_state.json").read_text())
-    return {e["step"]: e["loss"] for e in state["log_history"] if "loss" in e}
+    return final_losses(run_dir, STEPS)
 
 
 @pytest.fixture(scope="module")

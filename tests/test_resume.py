@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 from fixtures_slurm import SlurmCluster
-from run_helpers import config, hyperjob, only_run_dir, states
+from run_helpers import config, final_losses, hyperjob, only_run_dir, states
 
 from hyperjob.schedule.base import submissions
 from hyperjob.schedule.manifest import Manifest, StageRecord
@@ -102,10 +102,7 @@ def _logits(run_dir: Path, base: Path) -> Any:
 
 
 def _losses(run_dir: Path) -> dict[int, float]:
-    state = json.loads(
-        sorted((run_dir / "checkpoints").glob("checkpoint-12"))[0].joinpath("trainer_state.json").read_text()
-    )
-    return {e["step"]: e["loss"] for e in state["log_history"] if "loss" in e}
+    return final_losses(run_dir, 12)
 
 
 def _resume_flow(tmp_path: Path, scheduler: str, env: dict[str, str]) -> None:
