@@ -26,6 +26,7 @@ class Output:
     label: str
     path: Callable[[RunPaths], Path]
     preview: Callable[[Path], list[str]] | None = None
+    optional: bool = False  # produced only when configured: not shown when absent
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,14 @@ def _first_answer(answers: Path) -> list[str]:
         first = json.loads(answers.read_text())[0]
         return [f"  prompt: {first['prompt']}", f"  base:   {first['base']!r}", f"  tuned:  {first['tuned']!r}"]
     except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return []
+
+
+def _lines(table: Path) -> list[str]:
+    """A short text file (the needle accuracy table), indented, for the end-of-run summary."""
+    try:
+        return [f"  {line}" for line in table.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError):
         return []
 
 
@@ -131,7 +140,10 @@ _BUILTIN = (
         name="evaluate",
         purpose="Answer the evaluation prompts with the base and the tuned model.",
         entry="hyperjob.stages.evaluate",
-        produces=(Output("evaluation answers", lambda p: p.evaluation / "answers.json", _first_answer),),
+        produces=(
+            Output("evaluation answers", lambda p: p.evaluation / "answers.json", _first_answer),
+            Output("needle accuracy", lambda p: p.evaluation / "needle.md", _lines, optional=True),
+        ),
         config_keys=("evaluate",),
         outputs=lambda p, c: (p.evaluation,),
     ),

@@ -99,7 +99,7 @@ def test_invalid_yaml_names_line(tmp_path: Path) -> None:
         load_config(path)
 
 
-@pytest.mark.parametrize("example", ["tiny-cpu", "trainium-llama3-8b", "gpu-llama3-8b"])
+@pytest.mark.parametrize("example", ["tiny-cpu", "trainium-llama3-8b", "gpu-llama3-8b", "gpu-llama3-8b-longctx"])
 def test_examples_validate(example: str) -> None:
     """Every example loads, plans, and says in its file exactly what the loaded config holds (no silent default)."""
     path = REPO / "examples" / f"{example}.yaml"

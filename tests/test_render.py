@@ -27,6 +27,8 @@ CASES = [
     ("trainium", "trainium-llama3-8b", []),
     ("trainium-2node", "trainium-llama3-8b", ["cluster.nodes=2", "cluster.account=ml-team", "cluster.qos=high"]),
     ("gpu", "gpu-llama3-8b", []),
+    ("gpu-longctx", "gpu-llama3-8b-longctx", []),
+    ("gpu-fsdp2", "gpu-llama3-8b-longctx", ["parallel.mode=fsdp2", "model.quantize=none"]),
     (
         "gpu-container",
         "gpu-llama3-8b",

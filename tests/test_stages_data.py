@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -132,10 +133,27 @@ def test_truncation_and_rows_without_answer_tokens(tok: Any) -> None:
     assert examples[0]["labels"][-1] != IGNORE_INDEX
 
 
-def test_packing_makes_full_blocks_and_keeps_each_mask(tok: Any) -> None:
+def test_packing_makes_full_rows_of_whole_examples(tok: Any) -> None:
     rows = read_jsonl(DOLLY, "dolly")[:40]
     examples, _ = build_examples(rows, "dolly", tok, seq_len=64)
     blocks = pack_examples(examples, seq_len=64, pad_id=tok.pad_token_id)
+    assert blocks and all(len(b[k]) == 64 for b in blocks for k in ("input_ids", "labels", "position_ids"))
+    assert all("attention_mask" not in b for b in blocks)
+    # Every example is one position run of some row, whole, its first label ignored and the rest unchanged.
+    found = []
+    for b in blocks:
+        starts = [i for i, p in enumerate(b["position_ids"]) if p == 0] + [64]
+        found += [(b["input_ids"][a:z], b["labels"][a:z]) for a, z in pairwise(starts)]
+    for e in examples:
+        assert (e["input_ids"], [IGNORE_INDEX, *e["labels"][1:]]) in found
+    assert all(b["labels"].count(IGNORE_INDEX) < 64 for b in blocks)
+
+
+def test_concat_packing_is_kept_for_neuron(tok: Any) -> None:
+    """The old layout: the examples' tokens cut into consecutive blocks, one causal mask, the tail masked."""
+    rows = read_jsonl(DOLLY, "dolly")[:40]
+    examples, _ = build_examples(rows, "dolly", tok, seq_len=64)
+    blocks = pack_examples(examples, seq_len=64, pad_id=tok.pad_token_id, mode="concat")
     assert blocks and all(len(b[k]) == 64 for b in blocks for k in ("input_ids", "labels", "attention_mask"))
     flat = [x for b in blocks for x, m in zip(b["input_ids"], b["attention_mask"], strict=True) if m]
     flat_labels = [x for b in blocks for x, m in zip(b["labels"], b["attention_mask"], strict=True) if m]
@@ -151,9 +169,15 @@ def test_packing_makes_full_blocks_and_keeps_each_mask(tok: Any) -> None:
 def test_build_train_examples_packing_flag(tok: Any) -> None:
     section = DatasetSection(path=DOLLY, format="dolly")
     packed, stats = build_train_examples(section, tok, seq_len=128, packing=True)
-    plain, _ = build_train_examples(section, tok, seq_len=128, packing=False)
+    plain, plain_stats = build_train_examples(section, tok, seq_len=128, packing=False)
     assert len(plain) == stats.examples == 214 and {len(b["input_ids"]) for b in packed} == {128}
-    assert len(packed) == -(-stats.tokens // 128)
+    assert plain_stats.pack is None and stats.pack is not None and stats.pack.rows == len(packed)
+    # Whole examples only: every token once (no first-label-only example in this data). Only ~2 examples fit a row
+    # here, so bins cannot be filled as tightly as with long rows: 111 rows where 107 is the lower bound.
+    assert stats.pack.real_tokens == stats.tokens
+    assert stats.pack.pad_tokens == 128 * len(packed) - stats.tokens and stats.pack.pad_fraction < 0.04
+    concat, _ = build_train_examples(section, tok, seq_len=128, packing=True, packing_mode="concat")
+    assert len(concat) == -(-stats.tokens // 128) and "position_ids" not in concat[0]
 
 
 def test_collator_pads_right() -> None:

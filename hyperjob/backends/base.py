@@ -21,6 +21,31 @@ from hyperjob.stage_table import StageSpec
 TRAIN_GROUP = "train"
 
 
+def _is_set(cfg: HyperjobConfig, dotted: str) -> bool:
+    """Whether `section.field` differs from its default."""
+    section_name, field = dotted.split(".")
+    section = getattr(cfg, section_name)
+    return bool(getattr(section, field) != type(section).model_fields[field].default)
+
+
+def sequence_checks(cfg: HyperjobConfig, world: int, facts: ModelFacts | None) -> None:
+    """Ulysses' rules (heads, KV heads and seq_len divisible by parallel.sequence; world = DP x SP)."""
+    from hyperjob.longctx.ulysses import sp_problems
+
+    sp = cfg.parallel.sequence
+    if not cfg.training.packing:
+        msg = "needs training.packing: true (Ulysses takes rows with restarting positions, not padding masks)"
+        raise ConfigError([("parallel.sequence", msg)])
+    if world % sp:
+        msg = f"{sp} does not divide the {world} training processes (world = data parallel x sequence parallel)"
+        raise ConfigError([("parallel.sequence", msg)])
+    heads = facts.num_attention_heads if facts else sp
+    kv = facts.num_key_value_heads if facts else sp
+    problems = sp_problems(heads, kv, cfg.training.seq_len, sp)
+    if problems:
+        raise ConfigError([("parallel.sequence", problem) for problem in problems])
+
+
 @dataclass(frozen=True)
 class Runtime:
     """How the stage entries run on a backend: data, so the train and evaluate entries hold no backend branches.
@@ -52,6 +77,7 @@ class Layout:
     world_size: int
     kv_size_multiplier: int | None
     model: ModelFacts | None
+    sequence: int = 1
 
 
 class Backend:
@@ -60,7 +86,11 @@ class Backend:
     name: str = ""
     accelerator: str = ""  # instances of this kind in the catalogue run this backend
     default_stages: tuple[str, ...] = ("download", "train", "merge", "evaluate")
-    parallelism: frozenset[str] = frozenset()  # which of "tensor", "pipeline", "sequence" it can do
+    parallelism: frozenset[str] = frozenset()  # which of "tensor", "pipeline", "sequence" (Ulysses) it can do
+    parallel_modes: frozenset[str] = frozenset({"ddp"})  # parallel.mode values it can launch
+    quantizations: frozenset[str] = frozenset({"none"})  # model.quantize values it can load
+    loss_kernels: frozenset[str] = frozenset({"standard", "chunked"})  # training.loss values it can run
+    unsupported_options: tuple[str, ...] = ()  # config keys its trainer ignores: refused when set, never dropped
     runtime: Runtime = Runtime()
 
     def processes_per_node(self, cfg: HyperjobConfig, inst: InstanceType) -> int:
@@ -73,10 +103,30 @@ class Backend:
 
     def check_layout(self, cfg: HyperjobConfig, world: int, facts: ModelFacts | None) -> int | None:
         """Raise on a parallel layout this backend cannot run; return the KV-head replication factor, if any."""
-        for key, size in (("tensor", cfg.parallel.tensor), ("pipeline", cfg.parallel.pipeline)):
+        p = cfg.parallel
+        for key, size in (("tensor", p.tensor), ("pipeline", p.pipeline), ("sequence", p.sequence)):
             if size != 1 and key not in self.parallelism:
                 msg = f"{size} is not supported on backend {self.name!r} (allowed: 1)"
                 raise ConfigError([(f"parallel.{key}", msg)])
+        for key, value, allowed in (
+            ("parallel.mode", p.mode, self.parallel_modes),
+            ("model.quantize", cfg.model.quantize, self.quantizations),
+            ("training.loss", cfg.training.loss, self.loss_kernels),
+        ):
+            if value not in allowed:
+                msg = f"{value!r} is not supported on backend {self.name!r} (allowed: {', '.join(sorted(allowed))})"
+                raise ConfigError([(key, msg)])
+        for key in self.unsupported_options:
+            if _is_set(cfg, key):
+                raise ConfigError([(key, f"is not supported on backend {self.name!r}: leave it unset")])
+        if p.sequence > 1:
+            sequence_checks(cfg, world, facts)
+        if p.mode != "ddp":
+            from hyperjob.backends.parallel_modes import mode_problems
+
+            problems = mode_problems(p.mode, self.runtime.device, world, cfg.model.quantize)
+            if problems:
+                raise ConfigError([("parallel.mode", problem) for problem in problems])
         return None
 
     def entry(self, stage: StageSpec) -> tuple[str, tuple[str, ...]]:

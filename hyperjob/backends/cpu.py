@@ -10,6 +10,7 @@ from hyperjob.config.models import HyperjobConfig
 class CpuBackend(Backend):
     name = "cpu"
     accelerator = "cpu"
+    parallelism = frozenset({"sequence"})  # Ulysses over gloo: slow, but the same numerics as on GPUs
     runtime = Runtime(device="cpu", distributed="gloo", bf16=False)
 
     def processes_per_node(self, cfg: HyperjobConfig, inst: InstanceType) -> int:

@@ -70,7 +70,11 @@ class NeuronBackend(Backend):
     name = "neuron"
     accelerator = "neuron"
     default_stages = ("download", "compile", "train", "consolidate", "merge", "evaluate")
-    parallelism = frozenset({"tensor", "pipeline", "sequence"})
+    parallelism = frozenset({"tensor", "pipeline"})  # its sequence parallelism comes with TP
+    loss_kernels = frozenset({"standard"})
+    unsupported_options = (
+        "model.rope_theta", "lora.modules_to_save", "training.mlp_chunk", "training.activation_offload",
+    )  # fmt: skip
     runtime = Runtime(
         device="xla",
         distributed="xla",
@@ -81,6 +85,7 @@ class NeuronBackend(Backend):
     )
 
     def check_layout(self, cfg: HyperjobConfig, world: int, facts: ModelFacts | None) -> int | None:
+        super().check_layout(cfg, world, facts)
         tp, pp = cfg.parallel.tensor, cfg.parallel.pipeline
         kv_mult = head_checks(tp, world, facts) if facts is not None else None
         if world % (tp * pp):
@@ -93,19 +98,27 @@ class NeuronBackend(Backend):
         return kv_mult
 
     def warnings(self, cfg: HyperjobConfig, stages: Sequence[str]) -> list[str]:
-        """Say before queueing when the training interpreter is not a hyperjob-built Neuron environment."""
+        """Say before queueing when the training interpreter is not a hyperjob-built Neuron environment, and that
+        packing on Trainium concatenates samples (optimum-neuron's attention has no sequence-ID masking)."""
         if not {COMPILE_STAGE, "train"} & set(stages):
             return []
+        out = []
+        if cfg.training.packing:
+            out.append(
+                "backend 'neuron': training.packing concatenates samples into rows that attend across sample "
+                "boundaries (optimum-neuron's attention is plain causal); the cpu and cuda backends isolate them"
+            )
         venv = venv_of(self.python(cfg, spec("train")))
         record = read_record(venv) if venv is not None else None
         if record is not None and record_is_current(record):
-            return []
+            return out
         where = venv if venv is not None else self.python(cfg, spec("train"))
-        return [
+        out.append(
             f"backend 'neuron': {where} is not a Neuron environment built by this hyperjob (no current "
             f"{RECORD_NAME}); build it first with `hyperjob env CONFIG`, or the compile and train stages will "
             "refuse the versions they find"
-        ]
+        )
+        return out
 
     def plan_rows(self, cfg: HyperjobConfig) -> list[tuple[str, str]]:
         return plan_rows()

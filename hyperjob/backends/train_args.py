@@ -11,7 +11,10 @@ from __future__ import annotations
 import importlib.metadata
 from typing import TYPE_CHECKING, Any
 
+from hyperjob.backends.parallel_modes import DEEPSPEED_CONFIG_NAME, shards_parameters
+from hyperjob.backends.parallel_modes import mode_arguments as for_mode
 from hyperjob.config.models import HyperjobConfig
+from hyperjob.longctx.rope import config_overrides
 from hyperjob.paths import RunPaths, base_model_dir
 
 if TYPE_CHECKING:  # backends.base imports this module lazily, inside a method
@@ -47,13 +50,27 @@ def schedule_kwargs(cfg: HyperjobConfig, output_dir: str) -> dict[str, Any]:
 
 def lora_kwargs(cfg: HyperjobConfig, targets: tuple[str, ...]) -> dict[str, Any]:
     """peft.LoraConfig keyword arguments; peft takes "all-linear" as a plain string, not inside a list."""
-    return {
+    out: dict[str, Any] = {
         "r": cfg.lora.r,
         "lora_alpha": cfg.lora.alpha,
         "lora_dropout": cfg.lora.dropout,
         "target_modules": ALL_LINEAR if targets == (ALL_LINEAR,) else list(targets),
         "bias": "none",
         "task_type": "CAUSAL_LM",
+    }
+    if cfg.lora.modules_to_save:
+        out["modules_to_save"] = list(cfg.lora.modules_to_save)
+    return out
+
+
+# QLoRA as in its paper: NF4 weights with double quantisation, computing in the training dtype.
+def nf4_kwargs(compute_dtype: str) -> dict[str, Any]:
+    """transformers.BitsAndBytesConfig keyword arguments for model.quantize: nf4."""
+    return {
+        "load_in_4bit": True,
+        "bnb_4bit_quant_type": "nf4",
+        "bnb_4bit_use_double_quant": True,
+        "bnb_4bit_compute_dtype": compute_dtype,
     }
 
 
@@ -69,21 +86,31 @@ def hf_arguments(cfg: HyperjobConfig, layout: Layout, paths: RunPaths, runtime: 
     """transformers.TrainingArguments, peft.LoraConfig and AutoModelForCausalLM.from_pretrained arguments."""
     use_bf16 = runtime.bf16 and cfg.training.bf16
     trainer = schedule_kwargs(cfg, str(paths.checkpoints))
-    trainer |= {"bf16": use_bf16, "ddp_find_unused_parameters": False, "include_num_input_tokens_seen": "non_padding"}
+    # Packed rows carry no attention mask, so "non_padding" would compare tokens with a pad id that Llama 3 lacks
+    # (and warn every step); their padding is reported as pad_fraction instead.
+    seen = "all" if cfg.training.packing else "non_padding"
+    trainer |= {"bf16": use_bf16, "ddp_find_unused_parameters": False, "include_num_input_tokens_seen": seen}
     # transformers 5 renamed gradient_checkpointing to activation_checkpointing (the old name is deprecated).
     gc_name = "activation_checkpointing" if _transformers_major() >= 5 else "gradient_checkpointing"
     trainer[gc_name] = cfg.training.gradient_checkpointing
     if cfg.training.gradient_checkpointing:
-        trainer[f"{gc_name}_kwargs"] = {"use_reentrant": False}  # reentrant checkpointing loses LoRA grads
+        # Non-reentrant by default (reentrant loses LoRA grads unless the inputs require grad). Offloading needs the
+        # reentrant kind: it saves the checkpoint inputs through autograd, where save_on_cpu can move them to the host;
+        # the train entry then makes the inputs require grad.
+        trainer[f"{gc_name}_kwargs"] = {"use_reentrant": cfg.training.activation_offload}
     if runtime.device == "cpu":
         trainer["use_cpu"] = True
     if layout.world_size > 1:  # the backend's choice, not accelerate's guess from the device
         trainer["ddp_backend"] = runtime.distributed
+    trainer |= mode_arguments(cfg, use_bf16, paths)
     dtype = "bfloat16" if use_bf16 else "float32"
     # transformers 4.56+ takes `dtype` and warns on `torch_dtype`.
     loader_kwargs: dict[str, Any] = {"dtype": dtype}
-    if runtime.load_on_local_rank:
+    if runtime.load_on_local_rank and not shards_parameters(cfg.parallel.mode):  # FSDP2 and ZeRO-3 place them
         loader_kwargs |= {"device_map": "local rank", "low_cpu_mem_usage": True}
+    if cfg.model.quantize == "nf4":
+        loader_kwargs["quantization_config"] = nf4_kwargs(dtype)
+    overrides = config_overrides(cfg, layout.model)
     return {
         "backend": cfg.backend,
         "trainer_class": "transformers.TrainingArguments",
@@ -93,5 +120,16 @@ def hf_arguments(cfg: HyperjobConfig, layout: Layout, paths: RunPaths, runtime: 
             "class": "transformers.AutoModelForCausalLM",
             "path": str(base_model_dir(cfg)),
             "kwargs": loader_kwargs,
+            "config_overrides": overrides,
         },
     }
+
+
+def mode_arguments(cfg: HyperjobConfig, bf16: bool, paths: RunPaths) -> dict[str, Any]:
+    """The launch mode's TrainingArguments (FSDP2, DeepSpeed ZeRO); nothing for DDP. The DeepSpeed JSON is
+    written into the run directory by the train entry (deepspeed_json) before TrainingArguments reads it."""
+    t = cfg.training
+    return for_mode(
+        cfg.parallel.mode, gradient_checkpointing=t.gradient_checkpointing, activation_offload=t.activation_offload,
+        bf16=bf16, deepspeed_config_path=str(paths.run_dir / DEEPSPEED_CONFIG_NAME),
+    )  # fmt: skip

@@ -138,3 +138,11 @@ def copy_model_files(folder: Path, model_dir: Path | None, tokenizer_dir: Path |
             copy_durable(src, folder / name)
             copied.append(name)
     return copied
+
+
+def override_config(path: Path, overrides: Mapping[str, Any]) -> None:
+    """Rewrite a config.json with `overrides` applied (hyperjob.longctx.rope knows where each value lives)."""
+    from hyperjob.longctx.rope import apply_to_dict
+
+    config = json.loads(path.read_text(encoding="utf-8"))
+    write_json(path, apply_to_dict(config, overrides))

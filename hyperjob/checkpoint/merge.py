@@ -6,7 +6,9 @@ engine (`stream_merge`) merges tensor by tensor in bounded memory and publishes 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from hyperjob.checkpoint.common import parse_size
 
@@ -20,6 +22,7 @@ def merge_adapter(
     max_memory: str | int = "1GB",
     workers: int = 1,
     progress: bool = True,
+    config_overrides: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write base + adapter into `output_dir`: the base's shard names unless `max_shard_size` reshards.
 
@@ -35,4 +38,5 @@ def merge_adapter(
         workers=workers,
         max_shard_size=None if max_shard_size is None else parse_size(max_shard_size),
         progress=progress,
+        config_overrides=config_overrides,
     )

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import shutil
 import threading
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import groupby
@@ -27,6 +28,7 @@ from hyperjob.checkpoint.hf_layout import (
     SHARD_METADATA,
     SINGLE_NAME,
     copy_model_files,
+    override_config,
     shard_names,
     torch_dtypes,
     write_index,
@@ -285,16 +287,19 @@ def merge_streaming(
     workers: int = 1,
     max_shard_size: int | None = None,
     progress: bool | ProgressFn = True,
+    config_overrides: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write base + LoRA adapter as one safetensors model at `output_dir`, atomically; return `output_dir`.
 
+    config_overrides: config.json values the tuned model was trained with (a raised RoPE base), written into the
+    merged model's config.json so it serves with them.
     max_memory bounds the engine's own memory (LoRA factors + one chunk per worker), not the interpreter and torch
     themselves. max_shard_size=None keeps the base's shard files; a byte count reshards in base order.
     progress: True (rich bar on a TTY, plain lines otherwise), False, or a callable(done_bytes, total_bytes).
     """
     try:
         paths = Path(adapter_dir), Path(base_dir), Path(output_dir).absolute()
-        return _merge(*paths, max_memory, workers, max_shard_size, progress)
+        return _merge(*paths, max_memory, workers, max_shard_size, progress, config_overrides or {})
     except SafetensorsError as e:  # truncated or corrupt input: one error type for callers, naming the file
         raise MergeError(str(e)) from None
 
@@ -307,6 +312,7 @@ def _merge(
     workers: int,
     max_shard_size: int | None,
     progress: bool | ProgressFn,
+    config_overrides: Mapping[str, Any],
 ) -> Path:
     if workers < 1 or max_memory <= 0 or (max_shard_size is not None and max_shard_size <= 0):
         raise ValueError("workers must be >= 1, max_memory and max_shard_size > 0")
@@ -361,6 +367,8 @@ def _merge(
                     weight_map = index["weight_map"]  # the base's own, in its order
                 write_index(tmp, weight_map, total, (index or {}).get("metadata"))
             copy_model_files(tmp, base_dir, tokenizer_dir=adapter_dir)
+            if config_overrides:
+                override_config(tmp / "config.json", config_overrides)
     finally:
         for r in readers:
             r.close()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from hyperjob import stage_table
 from hyperjob.cli.common import CliError
-from hyperjob.cli.report import failed_stages, failure_report, stage_error, status_table
+from hyperjob.cli.report import failed_stages, failure_report, needle_report, read_needle, stage_error, status_table
 from hyperjob.paths import RunPaths
 from hyperjob.schedule import registry
 from hyperjob.schedule.manifest import Manifest
@@ -53,16 +53,21 @@ def _load(run_dir: Path) -> Manifest:
 
 def cmd_status(args: argparse.Namespace) -> int:
     manifest = _load(args.run_dir)
+    needle = read_needle(Path(manifest.run_dir))
     if args.json:
         failed = {r.name for r in failed_stages(manifest)}
         data = asdict(manifest)
         for st, rec in zip(data["stages"], manifest.stages, strict=True):
             st["state"] = st["state"].value
             st["error"] = stage_error(rec) if rec.name in failed else None
+        data["needle"] = needle
         print(json.dumps(data, indent=2))
     else:
         print(f"run {manifest.name} ({manifest.scheduler}): {manifest.run_dir}")
         print(status_table(manifest))
+        if needle is not None:
+            print()
+            print("\n".join(needle_report(needle)))
         report = failure_report(manifest)
         if report:
             print()

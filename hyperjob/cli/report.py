@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import shlex
 from pathlib import Path
+from typing import Any
 
 from hyperjob import stage_table
 from hyperjob.cli.common import table
@@ -11,6 +13,7 @@ from hyperjob.paths import RunPaths
 from hyperjob.schedule.errors import error_line, read_log_tail
 from hyperjob.schedule.manifest import Manifest, StageRecord
 from hyperjob.schedule.states import StageState
+from hyperjob.stages.needle import NEEDLE_JSON, accuracy_grid, skip_reasons
 
 # Shown only when the log has no error line: enough to see how it ended, short enough not to bury the rest.
 TAIL_LINES = 5
@@ -75,6 +78,25 @@ def failure_report(manifest: Manifest, tail_lines: int = 0) -> list[str]:
     return out
 
 
+def read_needle(run_dir: Path) -> dict[str, Any] | None:
+    """The run's needle-in-a-haystack results (evaluate with `evaluate.needle` set); None if absent or unreadable."""
+    try:
+        data = json.loads((RunPaths(run_dir).evaluation / NEEDLE_JSON).read_text(encoding="utf-8"))
+        accuracy_grid(data)  # status must not crash on a file it cannot show
+        skip_reasons(data)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def needle_report(data: dict[str, Any]) -> list[str]:
+    """The accuracy table (rows: depths, columns: context lengths) and why any length was skipped."""
+    header, rows = accuracy_grid(data)
+    return ["needle in a haystack: accuracy by depth and context length (tokens)", table(rows, header)] + [
+        f"  {line}" for line in skip_reasons(data)
+    ]
+
+
 def print_outcome(run_dir: Path, manifest: Manifest) -> bool:
     """Print the final table; on success where the results are, on failure why (see `failure_report`)."""
     print(status_table(manifest))
@@ -99,6 +121,8 @@ def print_outcome(run_dir: Path, manifest: Manifest) -> bool:
                 continue
             shown.add(out.label)
             path = out.path(paths)
+            if out.optional and not path.exists():
+                continue
             print(f"{out.label + ':':<20}{path}")
             for line in out.preview(path) if out.preview else []:
                 print(line)

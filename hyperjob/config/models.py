@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from hyperjob.config.secrets import looks_secret
 
@@ -49,6 +49,12 @@ class ModelSection(_Model):
     num_attention_heads: PositiveInt | None = None
     num_key_value_heads: PositiveInt | None = None
     max_position_embeddings: PositiveInt | None = None
+    rope_theta: Annotated[float, Field(gt=0)] | None = Field(
+        default=None, description="RoPE base override for context extension; the merged model's config carries it"
+    )
+    quantize: Literal["none", "nf4"] = Field(
+        default="none", description="nf4: QLoRA, the frozen base loaded in 4-bit by bitsandbytes (cuda only)"
+    )
 
     @property
     def is_tiny(self) -> bool:
@@ -106,9 +112,17 @@ class ClusterSection(_Model):
         return v
 
 
+ParallelMode = Literal["ddp", "fsdp2", "deepspeed-zero2", "deepspeed-zero3"]
+LossImpl = Literal["standard", "chunked", "liger", "cut-cross-entropy"]
+
+
 class ParallelSection(_Model):
     tensor: PositiveInt = 1
     pipeline: PositiveInt = 1
+    sequence: PositiveInt = Field(
+        default=1, description="Ulysses sequence parallelism: each sample's tokens split over this many processes"
+    )
+    mode: ParallelMode = Field(default="ddp", description="how data-parallel processes hold the model")
 
 
 class TrainingSection(_Model):
@@ -127,6 +141,20 @@ class TrainingSection(_Model):
     gradient_checkpointing: bool = False
     packing: bool = False
     logging_steps: PositiveInt = 10
+    loss: LossImpl = Field(
+        default="standard", description="chunked: LM head + loss over token chunks, never all logits at once"
+    )
+    loss_chunk: PositiveInt = Field(default=1024, description="tokens per LM-head chunk (training.loss: chunked)")
+    mlp_chunk: PositiveInt | None = Field(default=None, description="tiled MLP: tokens per tile; None: untiled")
+    activation_offload: bool = Field(
+        default=False, description="keep checkpointed activations in host memory (needs gradient_checkpointing)"
+    )
+
+    @model_validator(mode="after")
+    def _offload_needs_checkpointing(self) -> TrainingSection:
+        if self.activation_offload and not self.gradient_checkpointing:
+            raise ValueError("activation_offload needs gradient_checkpointing: true (it offloads the checkpoints)")
+        return self
 
 
 class LoraSection(_Model):
@@ -134,11 +162,14 @@ class LoraSection(_Model):
     alpha: PositiveInt = 16
     dropout: Annotated[float, Field(ge=0, lt=1)] = 0.05
     target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    modules_to_save: tuple[str, ...] = Field(
+        default=(), description="modules trained in full beside the adapter, e.g. embed_tokens (trainable embeddings)"
+    )
 
-    @field_validator("target_modules")
+    @field_validator("target_modules", "modules_to_save")
     @classmethod
-    def _targets(cls, v: tuple[str, ...]) -> tuple[str, ...]:
-        if not v:
+    def _targets(cls, v: tuple[str, ...], info: ValidationInfo) -> tuple[str, ...]:
+        if not v and info.field_name == "target_modules":
             raise ValueError("target_modules must name at least one module")
         for name in v:
             if name != "all-linear" and not name.replace("_", "").replace(".", "").isalnum():
@@ -147,12 +178,24 @@ class LoraSection(_Model):
         return v
 
 
+class NeedleSection(_Model):
+    """Needle-in-a-haystack: can the tuned model find one fact placed at a depth of a long generated text?"""
+
+    lengths: tuple[PositiveInt, ...] = Field(default=(1024,), min_length=1, description="context lengths in tokens")
+    depths: tuple[Annotated[float, Field(ge=0, le=1)], ...] = Field(
+        default=(0.0, 0.5, 1.0), min_length=1, description="where the needle sits: 0 start, 1 end of the haystack"
+    )
+    trials: PositiveInt = Field(default=1, description="needles per (length, depth) cell")
+    seed: int = 0
+
+
 class EvaluateSection(_Model):
     prompts: tuple[str, ...] = (
         "What is the capital of France?",
         "Explain what a large language model is in one sentence.",
     )
     max_new_tokens: PositiveInt = 64
+    needle: NeedleSection | None = Field(default=None, description="needle-in-a-haystack accuracy table, if set")
 
 
 _SIZE = r"^\d+(\.\d+)?(B|KB|MB|GB|KiB|MiB|GiB)$"

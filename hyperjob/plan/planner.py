@@ -16,8 +16,10 @@ from hyperjob.backends.catalogue import InstanceType, known_names, lookup
 from hyperjob.config.load import ConfigError
 from hyperjob.config.models import HyperjobConfig
 from hyperjob.model_facts import ModelFacts, model_facts
+from hyperjob.plan.memory import describe_estimate, estimate
 from hyperjob.stage_table import resolve_stages
 
+LONG_CONTEXT = 8192  # from this seq_len on, `plan` shows per-device tokens and activation memory
 KNOWN_DATASET_ROWS: dict[str, int] = {"databricks/databricks-dolly-15k": 15011}
 
 
@@ -38,10 +40,18 @@ class Plan:
     dataset_rows: int | None
     stages: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
+    sequence: int = 1
 
     def layout(self) -> Layout:
         """What the backends' train arguments need of this plan."""
-        return Layout(self.tensor, self.pipeline, self.world_size, self.kv_size_multiplier, self.model)
+        return Layout(
+            self.tensor, self.pipeline, self.world_size, self.kv_size_multiplier, self.model, sequence=self.sequence
+        )
+
+    @property
+    def tokens_per_device(self) -> int:
+        """Tokens of one micro-batch each process holds (sequence parallelism splits every sample)."""
+        return self.micro_batch * self.seq_len // self.sequence
 
     @property
     def world_size(self) -> int:
@@ -87,18 +97,15 @@ def make_plan(cfg: HyperjobConfig) -> Plan:
         )
     procs = backend.processes_per_node(cfg, inst)
     facts = model_facts(cfg)
-    if facts and facts.max_position_embeddings and cfg.training.seq_len > facts.max_position_embeddings:
-        raise ConfigError(
-            [
-                (
-                    "training.seq_len",
-                    f"{cfg.training.seq_len} exceeds the model's {facts.max_position_embeddings} positions",
-                )
-            ]
-        )
-    kv_mult = backend.check_layout(cfg, procs * cfg.cluster.nodes, facts)
-    tp, pp = cfg.parallel.tensor, cfg.parallel.pipeline
     notes: list[str] = []
+    seq_len, max_pos = cfg.training.seq_len, facts.max_position_embeddings if facts else None
+    if max_pos and seq_len > max_pos:
+        if cfg.model.rope_theta is None:
+            msg = f"{seq_len} exceeds the model's {max_pos} positions (to extend the context, raise model.rope_theta)"
+            raise ConfigError([("training.seq_len", msg)])
+        notes.append(f"seq_len {seq_len} extends the model's {max_pos} positions (rope_theta {cfg.model.rope_theta:g})")
+    kv_mult = backend.check_layout(cfg, procs * cfg.cluster.nodes, facts)
+    tp, pp, sp = cfg.parallel.tensor, cfg.parallel.pipeline, cfg.parallel.sequence
     if facts is None:
         notes.append("model architecture unknown until download: head-count checks skipped (set model.num_*)")
     rows = dataset_rows(cfg)
@@ -109,7 +116,7 @@ def make_plan(cfg: HyperjobConfig) -> Plan:
         procs_per_node=procs,
         tensor=tp,
         pipeline=pp,
-        data=procs * cfg.cluster.nodes // (tp * pp),
+        data=procs * cfg.cluster.nodes // (tp * pp * sp),
         micro_batch=cfg.training.micro_batch,
         grad_accum=cfg.training.grad_accum,
         seq_len=cfg.training.seq_len,
@@ -118,7 +125,10 @@ def make_plan(cfg: HyperjobConfig) -> Plan:
         dataset_rows=rows,
         stages=stages,
         notes=(),
+        sequence=sp,
     )
+    if sp > 1 and procs % sp:
+        notes.append(f"a sequence-parallel group of {sp} spans nodes of {procs} processes: all-to-all over the network")
     if rows is not None and plan.global_batch > rows:
         notes.append(f"global batch {plan.global_batch} exceeds the dataset's {rows} rows")
     steps = total_steps(plan, cfg)
@@ -142,6 +152,7 @@ def describe(plan: Plan, cfg: HyperjobConfig) -> list[tuple[str, str]]:
     ]
     if plan.kv_size_multiplier:
         rows.append(("KV-head replication", f"x{plan.kv_size_multiplier} (GQA: KV heads < TP)"))
+    rows += _long_context_rows(plan, cfg)
     rows += [
         ("global batch", f"{plan.global_batch} = micro {plan.micro_batch} x accum {plan.grad_accum} x DP {plan.data}"),
         ("tokens per step", f"{plan.global_batch * plan.seq_len:,} (seq_len {plan.seq_len})"),
@@ -151,3 +162,18 @@ def describe(plan: Plan, cfg: HyperjobConfig) -> list[tuple[str, str]]:
         ("stages", " -> ".join(plan.stages)),
     ]
     return rows + backends.get(plan.backend).plan_rows(cfg)
+
+
+def _long_context_rows(plan: Plan, cfg: HyperjobConfig) -> list[tuple[str, str]]:
+    """Sequence parallelism, the launch mode, and per-device tokens and activation memory, where they matter."""
+    rows: list[tuple[str, str]] = []
+    if plan.sequence > 1:
+        rows.append(("sequence parallel (SP)", f"{plan.sequence} (Ulysses; world {plan.world_size} = DP x SP)"))
+    if cfg.parallel.mode != "ddp":
+        rows.append(("parallel mode", cfg.parallel.mode))
+    if plan.sequence > 1 or plan.seq_len >= LONG_CONTEXT:
+        rows.append(("tokens per device", f"{plan.tokens_per_device:,} per micro-batch"))
+        est = estimate(cfg, plan.model) if plan.model else None
+        if est is not None:
+            rows.append(("activation memory", describe_estimate(est)))
+    return rows

@@ -133,7 +133,8 @@ def stage_context(cfg: HyperjobConfig, plan: Plan, run_dir: Path, stage: str, in
         srun_extra=_srun_extra(cfg),
         procs_per_node=plan.procs_per_node,
         world_size=plan.world_size,
-        layout=f"TP={plan.tensor} x PP={plan.pipeline} x DP={plan.data}",
+        layout=f"TP={plan.tensor} x PP={plan.pipeline} x DP={plan.data}"
+        + (f" x SP={plan.sequence}" if plan.sequence > 1 else ""),
         token_source=_token_source(cfg),
         entry=entry,
         entry_args=entry_args,

@@ -2,21 +2,20 @@
 
 Pure functions over plain Python lists (torch appears only in the collator), so the exact label masks and
 block shapes are testable without a model. Training and evaluation share `format_prompt`, so the tuned model
-is always asked questions in the format it was trained on.
+is always asked questions in the format it was trained on. Packing itself lives in `hyperjob.longctx.packing`.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from hyperjob.config.models import DatasetFormat, DatasetSection
+from hyperjob.longctx.packing import IGNORE_INDEX, PackStats, pack, pack_stats
 from hyperjob.stages.common import StageError
-
-IGNORE_INDEX = -100  # label value the loss skips (transformers' convention)
 
 Row = dict[str, Any]
 Example = dict[str, list[int]]
@@ -34,6 +33,22 @@ class DataStats:
     truncated: int
     tokens: int
     trainable_tokens: int
+    pack: PackStats | None = None  # the packed rows' padding, when packing
+
+
+@dataclass
+class DataTally:
+    """Running counts while examples stream into the packer (the stats must not need the examples kept)."""
+
+    rows: int = 0
+    examples: int = 0
+    skipped: int = 0
+    truncated: int = 0
+    tokens: int = 0
+    trainable: int = 0
+
+    def stats(self, packed: PackStats | None = None) -> DataStats:
+        return DataStats(self.rows, self.examples, self.skipped, self.truncated, self.tokens, self.trainable, packed)
 
 
 # ---------------------------------------------------------------- rows
@@ -232,33 +247,51 @@ def encode_example(row: Mapping[str, Any], fmt: DatasetFormat, tokenizer: Any, w
     return {"input_ids": ids, "labels": labels}
 
 
+def iter_examples(
+    rows: Iterable[Mapping[str, Any]], fmt: DatasetFormat, tokenizer: Any, seq_len: int, tally: DataTally
+) -> Iterator[Example]:
+    """Encode and truncate rows one at a time, counting into `tally`; skip rows whose answer falls past `seq_len`."""
+    for i, row in enumerate(rows):
+        tally.rows += 1
+        ex = encode_example(row, fmt, tokenizer, where=f"row {i}")
+        if len(ex["input_ids"]) > seq_len:
+            tally.truncated += 1
+            ex = {k: v[:seq_len] for k, v in ex.items()}
+        if all(label == IGNORE_INDEX for label in ex["labels"]):
+            tally.skipped += 1
+            continue
+        tally.examples += 1
+        tally.tokens += len(ex["input_ids"])
+        tally.trainable += sum(1 for x in ex["labels"] if x != IGNORE_INDEX)
+        yield ex
+
+
 def build_examples(
     rows: Sequence[Mapping[str, Any]], fmt: DatasetFormat, tokenizer: Any, seq_len: int
 ) -> tuple[list[Example], DataStats]:
     """Encode and truncate every row; drop rows whose answer falls entirely past `seq_len`."""
-    examples: list[Example] = []
-    skipped = truncated = 0
-    for i, row in enumerate(rows):
-        ex = encode_example(row, fmt, tokenizer, where=f"row {i}")
-        if len(ex["input_ids"]) > seq_len:
-            truncated += 1
-            ex = {k: v[:seq_len] for k, v in ex.items()}
-        if all(label == IGNORE_INDEX for label in ex["labels"]):
-            skipped += 1
-            continue
-        examples.append(ex)
-    stats = DataStats(
-        rows=len(rows),
-        examples=len(examples),
-        skipped_no_labels=skipped,
-        truncated=truncated,
-        tokens=sum(len(e["input_ids"]) for e in examples),
-        trainable_tokens=sum(sum(1 for x in e["labels"] if x != IGNORE_INDEX) for e in examples),
-    )
-    return examples, stats
+    tally = DataTally()
+    examples = list(iter_examples(rows, fmt, tokenizer, seq_len, tally))
+    return examples, tally.stats()
 
 
-def pack_examples(examples: Iterable[Example], seq_len: int, pad_id: int) -> list[Example]:
+# isolated: whole examples per row, position_ids restarting per example, each attending only to itself (cpu/cuda).
+# concat: the examples' tokens cut into consecutive blocks with one causal mask (each sees the ones before it in its
+# block, and one can be split over two blocks); kept for models that build their own causal mask and ignore
+# position_ids for masking, such as optimum-neuron's training Llama.
+PackingMode = Literal["isolated", "concat"]
+
+
+def pack_examples(
+    examples: Iterable[Example], seq_len: int, pad_id: int, mode: PackingMode = "isolated"
+) -> list[Example]:
+    """Rows of exactly `seq_len` tokens; see `PackingMode` and `hyperjob.longctx.packing.pack`."""
+    if mode == "isolated":
+        return list(pack(examples, seq_len, pad_id))
+    return concat_examples(examples, seq_len, pad_id)
+
+
+def concat_examples(examples: Iterable[Example], seq_len: int, pad_id: int) -> list[Example]:
     """Concatenate examples (each keeps its own label mask) into blocks of exactly `seq_len` tokens.
 
     The last partial block is padded (attention 0, labels ignored) rather than dropped, so no answer is lost.
@@ -297,6 +330,9 @@ class PadCollator:
 
     `length`: pad every batch to exactly this many tokens instead (XLA compiles one graph per input shape, so
     Trainium needs every batch the same shape as the compile run's).
+
+    Packed rows (with `position_ids`) pass their positions through and get NO attention_mask: transformers then
+    builds the block-diagonal mask from the positions. Extra padding gets its own position run, its own block.
     """
 
     def __init__(self, pad_id: int, pad_to_multiple_of: int | None = None, length: int | None = None) -> None:
@@ -314,6 +350,11 @@ class PadCollator:
             longest = self.length
         elif self.multiple:
             longest = -(-longest // self.multiple) * self.multiple
+        packed = ["position_ids" in ex for ex in batch]
+        if any(packed):
+            if not all(packed):
+                raise DataError("a batch mixes packed rows (with position_ids) and unpacked rows")
+            return self._packed(batch, longest)
         out: dict[str, list[list[int]]] = {"input_ids": [], "labels": [], "attention_mask": []}
         for ex in batch:
             n = len(ex["input_ids"])
@@ -324,15 +365,41 @@ class PadCollator:
             out["attention_mask"].append(mask + [0] * pad)
         return {k: torch.tensor(v, dtype=torch.long) for k, v in out.items()}
 
+    def _packed(self, batch: Sequence[Mapping[str, Sequence[int]]], longest: int) -> dict[str, Any]:
+        import torch
+
+        out: dict[str, list[list[int]]] = {"input_ids": [], "labels": [], "position_ids": []}
+        for ex in batch:
+            pad = longest - len(ex["input_ids"])
+            out["input_ids"].append([*ex["input_ids"], *[self.pad_id] * pad])
+            out["labels"].append([*ex["labels"], *[IGNORE_INDEX] * pad])
+            out["position_ids"].append([*ex["position_ids"], *range(pad)])
+        return {k: torch.tensor(v, dtype=torch.long) for k, v in out.items()}
+
 
 def build_train_examples(
-    section: DatasetSection, tokenizer: Any, seq_len: int, packing: bool, token: str | None = None
+    section: DatasetSection,
+    tokenizer: Any,
+    seq_len: int,
+    packing: bool,
+    token: str | None = None,
+    packing_mode: PackingMode = "isolated",
 ) -> tuple[list[Example], DataStats]:
-    """Everything the train stage needs from the data: rows -> encoded, truncated, optionally packed examples."""
+    """Everything the train stage needs from the data: rows -> encoded, truncated, optionally packed examples.
+
+    Isolated packing streams the encoded examples straight into the packer, so the unpacked list never exists;
+    the returned stats then carry the packed rows' padding (`DataStats.pack`).
+    """
     rows = load_rows(section, token)
-    examples, stats = build_examples(rows, section.format, tokenizer, seq_len)
+    if not packing or packing_mode == "concat":
+        examples, stats = build_examples(rows, section.format, tokenizer, seq_len)
+        if examples and packing:
+            examples = concat_examples(examples, seq_len, pad_id_of(tokenizer))
+    else:
+        tally = DataTally()
+        encoded = iter_examples(rows, section.format, tokenizer, seq_len, tally)
+        examples = list(pack(encoded, seq_len, pad_id_of(tokenizer)))
+        stats = tally.stats(pack_stats(examples))
     if not examples:
         raise DataError(f"no row has an answer within training.seq_len={seq_len} tokens")
-    if packing:
-        examples = pack_examples(examples, seq_len, pad_id_of(tokenizer))
     return examples, stats

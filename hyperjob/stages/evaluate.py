@@ -1,13 +1,15 @@
 """Evaluate stage: greedy answers to `evaluate.prompts` from the base and the tuned model, side by side.
 
 Prompts are formatted exactly as in training (same template, same prompt token ids), so differences come
-from the fine-tuning, not from the prompt. One model is in memory at a time.
+from the fine-tuning, not from the prompt. One model is in memory at a time. With `evaluate.needle` set, the
+tuned model also gets the needle-in-a-haystack table (hyperjob.stages.needle), written beside the answers.
 """
 
 from __future__ import annotations
 
 import gc
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -23,16 +25,15 @@ from hyperjob.stages.common import (
     run_stage,
     setup_logging,
 )
+from hyperjob.stages.needle import NeedleResult, run_needle, total_tokens, write_needle
 
 
-def generate_answers(
-    model: Any, tokenizer: Any, prompts: list[str], fmt: Any, max_new_tokens: int, device: Any
-) -> list[str]:
-    """Greedy-decode an answer for each prompt (one at a time: no padding effects, prompts are few)."""
+def greedy_answer(model: Any, tokenizer: Any, ids: list[int], max_new_tokens: int, device: Any) -> str:
+    """Greedy-decode from prompt token ids (batch 1: no padding effects); the answer text, stripped."""
     import torch
     from transformers import GenerationConfig
 
-    from hyperjob.stages.data import encode_prompt, format_prompt, pad_id_of, prompt_row
+    from hyperjob.stages.data import pad_id_of
 
     gen = GenerationConfig(
         max_new_tokens=max_new_tokens,
@@ -40,14 +41,20 @@ def generate_answers(
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=pad_id_of(tokenizer),
     )
-    answers = []
-    for prompt in prompts:
-        ids = encode_prompt(tokenizer, format_prompt(prompt_row(prompt, fmt), fmt, tokenizer), fmt)
-        input_ids = torch.tensor([ids], device=device)
-        with torch.no_grad():
-            out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), generation_config=gen)
-        answers.append(tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True).strip())
-    return answers
+    input_ids = torch.tensor([ids], device=device)
+    with torch.no_grad():
+        out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), generation_config=gen)
+    return str(tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True)).strip()
+
+
+def generate_answers(
+    model: Any, tokenizer: Any, prompts: list[str], fmt: Any, max_new_tokens: int, device: Any
+) -> list[str]:
+    """Greedy-decode an answer for each prompt (one at a time: no padding effects, prompts are few)."""
+    from hyperjob.stages.data import encode_prompt, format_prompt, prompt_row
+
+    ids = (encode_prompt(tokenizer, format_prompt(prompt_row(p, fmt), fmt, tokenizer), fmt) for p in prompts)
+    return [greedy_answer(model, tokenizer, prompt_ids, max_new_tokens, device) for prompt_ids in ids]
 
 
 def _load(path: Path, dtype: Any, device: Any, adapter: Path | None = None) -> Any:
@@ -80,6 +87,19 @@ def render_markdown(name: str, base: Path, tuned: str, records: list[dict[str, s
     return "\n".join(lines)
 
 
+def _needle(model: Any, tokenizer: Any, cfg: HyperjobConfig, device: Any, log: logging.Logger) -> NeedleResult | None:
+    """The needle-in-a-haystack table of the tuned model, when `evaluate.needle` is configured; else None."""
+    section = cfg.evaluate.needle
+    if section is None:
+        return None
+    log.info(
+        "needle in a haystack: lengths %s, depths %s, %d trial(s) per cell, up to %d prompt tokens",
+        list(section.lengths), list(section.depths), section.trials,
+        total_tokens(section.lengths, section.depths, section.trials),
+    )  # fmt: skip
+    return run_needle(model, tokenizer, section, cfg.dataset.format, device, cfg.evaluate.max_new_tokens, log)
+
+
 def _evaluate(paths: RunPaths, cfg: HyperjobConfig) -> int:
     log = setup_logging("evaluate")
     base = base_model_dir(cfg)
@@ -107,6 +127,7 @@ def _evaluate(paths: RunPaths, cfg: HyperjobConfig) -> int:
     log.info("tuned model %s", tuned_label)
     model = _load(merged, dtype, device) if merged else _load(base, dtype, device, adapter=paths.adapter)
     tuned_answers = generate_answers(model, tokenizer, prompts, fmt, max_new, device)
+    needle = _needle(model, tokenizer, cfg, device, log)
     _free(model)
 
     records = [
@@ -115,7 +136,11 @@ def _evaluate(paths: RunPaths, cfg: HyperjobConfig) -> int:
     with atomic_dir(paths.evaluation) as tmp:
         (tmp / "answers.json").write_text(json.dumps(records, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         (tmp / "answers.md").write_text(render_markdown(cfg.name, base, tuned_label, records), encoding="utf-8")
+        if needle is not None:
+            write_needle(tmp, needle)
     print(f"answers: {paths.evaluation / 'answers.json'} (readable: {paths.evaluation / 'answers.md'})", flush=True)
+    if needle is not None:
+        print(f"needle accuracy: {paths.evaluation / 'needle.json'} (table: {paths.evaluation / 'needle.md'})")
     return 0
 
 

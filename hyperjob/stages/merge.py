@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from hyperjob.config.models import HyperjobConfig
+from hyperjob.longctx.rope import config_overrides
+from hyperjob.model_facts import model_facts
 from hyperjob.paths import RunPaths, base_model_dir
 from hyperjob.stages.common import StageError, require_model_dir, run_stage, setup_logging
 
@@ -19,10 +21,13 @@ def _merge(paths: RunPaths, cfg: HyperjobConfig) -> int:
     m = cfg.merge
     shards = f"shards up to {m.max_shard_size}" if m.max_shard_size else "the base's shards"
     log.info("merging %s into %s (%s, memory budget %s)", paths.adapter, base, shards, m.max_memory)
+    overrides = config_overrides(cfg, model_facts(cfg))
+    if overrides:
+        log.info("merged config.json gets the training overrides %s", overrides)
     try:
         out = merge_adapter(
             paths.adapter, base, paths.merged, max_shard_size=m.max_shard_size, max_memory=m.max_memory,
-            workers=m.workers, progress=True,
+            workers=m.workers, progress=True, config_overrides=overrides,
         )  # fmt: skip
     except MergeError as e:
         raise StageError(str(e)) from None

@@ -25,7 +25,7 @@ from typing import Any
 
 from hyperjob import backends, stage_table
 from hyperjob.config.models import HyperjobConfig
-from hyperjob.fsutil import atomic_dir, write_json
+from hyperjob.fsutil import write_json
 from hyperjob.paths import RunPaths, base_model_dir
 from hyperjob.plan.planner import make_plan, total_steps
 from hyperjob.stages.common import (
@@ -45,25 +45,54 @@ from hyperjob.stages.lora_check import check_lora_applied
 from hyperjob.stages.resume import ResumePoint, resume_point
 
 
-def _training_arguments(args: dict[str, Any]) -> Any:
+def _training_arguments(args: dict[str, Any], cfg: HyperjobConfig) -> Any:
     import transformers
 
-    return transformers.TrainingArguments(**args["trainer_config"])
+    from hyperjob.backends.parallel_modes import is_deepspeed, write_deepspeed_config
+
+    trainer_config = args["trainer_config"]
+    if is_deepspeed(cfg.parallel.mode):  # TrainingArguments reads the JSON when it is built
+        write_deepspeed_config(cfg.parallel.mode, Path(trainer_config["deepspeed"]), bf16=trainer_config["bf16"])
+    return transformers.TrainingArguments(**trainer_config)
 
 
 def _load_model(base: Path, cfg: HyperjobConfig, args: dict[str, Any], dtype: Any) -> Any:
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    kwargs: dict[str, Any] = {**args["model_loader"]["kwargs"], **dtype_kwargs(dtype)}
+    from hyperjob.longctx.rope import apply_to_config
+
+    loader = args["model_loader"]
+    kwargs: dict[str, Any] = {**loader["kwargs"], **dtype_kwargs(dtype)}
     if kwargs.get("device_map") == "local rank":  # straight onto this rank's device: N ranks x a host copy is a lot
         kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
+    if "quantization_config" in kwargs:
+        kwargs["quantization_config"] = _nf4_config(kwargs["quantization_config"])
+    if loader.get("config_overrides"):
+        config = AutoConfig.from_pretrained(base)
+        apply_to_config(config, loader["config_overrides"])
+        kwargs["config"] = config
     model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
     model.config.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing
+    if "quantization_config" in kwargs:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.training.gradient_checkpointing)
     try:
         return get_peft_model(model, LoraConfig(**args["lora_config"]))
     except ValueError as e:
         raise StageError(f"lora.target_modules {list(cfg.lora.target_modules)} do not fit {base}: {e}") from None
+
+
+def _nf4_config(kwargs: dict[str, Any]) -> Any:
+    """QLoRA's 4-bit loading; bitsandbytes is a CUDA-only extra, so say how to get it rather than fail deep inside."""
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise StageError("model.quantize: nf4 needs bitsandbytes on the training nodes: pip install bitsandbytes")
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(**kwargs)
 
 
 def _name(dtype: Any) -> str:
@@ -83,6 +112,8 @@ def train(paths: RunPaths, cfg: HyperjobConfig, compile_only: bool = False) -> i
     from transformers import AutoTokenizer, Trainer
     from transformers.utils import logging as hf_logging
 
+    from hyperjob.stages import train_longctx as longctx
+    from hyperjob.stages.adapter_save import save_adapter
     from hyperjob.stages.data import PadCollator, build_train_examples, pad_id_of
 
     hf_logging.disable_progress_bar()  # per-tensor loading bars from every rank drown the step logs
@@ -94,6 +125,7 @@ def train(paths: RunPaths, cfg: HyperjobConfig, compile_only: bool = False) -> i
     if cfg.training.bf16 and not runtime.bf16:
         log.info("training.bf16 is ignored on the %s backend: training in float32", cfg.backend)
 
+    longctx.check_kernel(cfg)
     log.info("starting: world size %d, backend %s, base %s", world_size(), cfg.backend, base)
     tokenizer = AutoTokenizer.from_pretrained(base)
     t = cfg.training
@@ -108,7 +140,7 @@ def train(paths: RunPaths, cfg: HyperjobConfig, compile_only: bool = False) -> i
     )
 
     arguments = train_arguments(paths, cfg)
-    args = _training_arguments(arguments)
+    args = _training_arguments(arguments, cfg)
     mode = f"DDP over {torch.distributed.get_backend()}" if args.world_size > 1 else "single process"
     log.info("world size %d (%s), dtype %s", args.world_size, mode, _name(dtype))
 
@@ -128,7 +160,11 @@ def train(paths: RunPaths, cfg: HyperjobConfig, compile_only: bool = False) -> i
 
     collator = PadCollator(pad_id_of(tokenizer), pad_to_multiple_of=runtime.pad_to_multiple_of)
     stopper = stop_on_request(paths.stop_request)
-    trainer = Trainer(
+    group = longctx.sequence_group(cfg)
+    for line in longctx.prepare_model(model, cfg, group):
+        log.info("%s", line)
+    trainer_cls = longctx.trainer_class(cfg, group) if longctx.customised(cfg) else Trainer
+    trainer = trainer_cls(
         model=model, args=args, train_dataset=examples, data_collator=collator, processing_class=tokenizer,
         callbacks=[*fault_callbacks(), stopper],
     )  # fmt: skip
@@ -140,10 +176,8 @@ def train(paths: RunPaths, cfg: HyperjobConfig, compile_only: bool = False) -> i
         _finish_distributed()
         return STOPPED_EARLY
 
+    save_adapter(trainer, model, tokenizer, paths.adapter)  # every rank: FSDP and ZeRO-3 gather the shards
     if trainer.is_world_process_zero():
-        with atomic_dir(paths.adapter) as tmp:
-            model.save_pretrained(tmp)  # the PeftModel: adapter weights and config only
-            tokenizer.save_pretrained(tmp)
         state = trainer.state
         final_loss = last_logged_loss(state.log_history)
         summary = {
@@ -159,11 +193,21 @@ def train(paths: RunPaths, cfg: HyperjobConfig, compile_only: bool = False) -> i
             "dtype": _name(dtype),
             "data": dataclasses.asdict(stats),
             "train_examples": len(examples),
+            **packing_summary(stats, cfg, args.world_size),
         }
         write_json(paths.run_dir / SUMMARY_NAME, summary)
         log.info("adapter saved to %s; summary %s", paths.adapter, paths.run_dir / SUMMARY_NAME)
     _finish_distributed()
     return 0
+
+
+def packing_summary(stats: Any, cfg: HyperjobConfig, world: int) -> dict[str, Any]:
+    """Pad fraction and real tokens per optimizer step of packed rows (None when not packed)."""
+    if stats.pack is None:
+        return {"pad_fraction": None, "tokens_per_step": None}
+    t, dp = cfg.training, world // cfg.parallel.sequence
+    per_step = stats.pack.tokens_per_step(t.micro_batch, t.grad_accum, dp)
+    return {"pad_fraction": round(stats.pack.pad_fraction, 6), "tokens_per_step": round(per_step, 1)}
 
 
 # After the outputs are saved, a process still alive this long is stuck in teardown and is ended with exit 0.

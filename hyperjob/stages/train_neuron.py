@@ -123,7 +123,10 @@ def train(paths: RunPaths, cfg: HyperjobConfig, compile_only: bool = False) -> i
 
     tokenizer = AutoTokenizer.from_pretrained(base)
     t = cfg.training
-    examples, stats = build_train_examples(cfg.dataset, tokenizer, t.seq_len, t.packing, token=read_token(cfg.model))
+    # optimum-neuron's attention is plain causal (no sequence-ID masking): packing keeps the concatenated layout.
+    examples, stats = build_train_examples(
+        cfg.dataset, tokenizer, t.seq_len, t.packing, token=read_token(cfg.model), packing_mode="concat"
+    )
     log.info("data: %d rows -> %d examples%s", stats.rows, len(examples), " packed" if t.packing else "")
 
     set_seed(t.seed)  # before LoRA's weights are drawn: the same seed gives the same run

@@ -1,0 +1,1 @@
+"""Long-context training pieces for the cpu/cuda trainer: packing, chunked loss, tiled MLP, sequence parallelism."""
