@@ -176,8 +176,10 @@ def main(argv: list[str] | None = None) -> int:
         model = build(args.model, args.device, dtype, False, args.chunk)
         rate = tokens_per_s(model, args, ours)
         results[name] = (context, rate)
-        print(f"{name:16s} max context {context:>8,} tokens | {rate:>10,.0f} non-pad tokens/s at {args.seq_len} "
-              f"({time.perf_counter() - started:.0f} s)")  # fmt: skip
+        capped = " (the search limit)" if context * 2 > args.limit else ""
+        took = time.perf_counter() - started
+        print(f"{name:16s} max context {context:>8,} tokens{capped} | {rate:>10,.0f} non-pad tokens/s at "
+              f"{args.seq_len} ({took:.0f} s)")  # fmt: skip
         del model
     (plain_ctx, plain_rate), (our_ctx, our_rate) = results["plain HF + peft"], results["hyperjob"]
     print(f"ratio: context {our_ctx / max(plain_ctx, 1):.2f}x, tokens/s {our_rate / plain_rate:.2f}x")
