@@ -145,3 +145,25 @@ def test_rope_base_and_trained_embeddings_reach_the_merged_model(
     with torch.no_grad():
         a, b = wrapped(**ids).logits, merged(**ids).logits
     assert torch.allclose(a, b, atol=1e-4), float((a - b).abs().max())
+
+
+@pytest.mark.parametrize(
+    ("num_items", "sp", "world_summed", "world", "expect"),
+    [
+        (None, 1, False, 1, 2.0),  # no step-wide count: this micro-batch's mean
+        (12, 1, True, 4, 2.0),  # transformers' own rule: sum / step count x processes
+        (12, 1, False, 4, 0.5),  # counted locally: sum / count, DDP averages
+        (24, 2, True, 4, 2.0),  # SP=2: the count is summed over both ranks of the sample, the loss scaled by 2
+    ],
+)
+def test_scaled_loss_follows_transformers_and_scales_for_sp(
+    num_items: int | None, sp: int, world_summed: bool, world: int, expect: float
+) -> None:
+    import torch
+
+    from hyperjob.stages.train_longctx import scaled_loss
+
+    got = scaled_loss(
+        torch.tensor(6.0), torch.tensor(3), num_items, sp=sp, world_summed=world_summed, world=world, group=None
+    )
+    assert float(got) == pytest.approx(expect)

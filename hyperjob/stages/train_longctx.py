@@ -131,11 +131,10 @@ def scaled_loss(
     loss_sum: torch.Tensor, count: torch.Tensor, num_items: Any, *, sp: int, world_summed: bool, world: int, group: Any
 ) -> torch.Tensor:
     """The loss whose gradients, after DDP's average over the world, equal those of SP=1 (module docstring)."""
-    if num_items is None:
-        total = count.detach().clone()
-        if group is not None:
-            torch.distributed.all_reduce(total, group=group.group)
-        return loss_sum / total.clamp(min=1) * sp
+    if num_items is None:  # no step-wide count: token-weighted over this micro-batch (ulysses.sp_loss)
+        from hyperjob.longctx.ulysses import SPGroup, sp_loss
+
+        return sp_loss(loss_sum, count, group or SPGroup.single())
     scale = world if world_summed else 1
     return loss_sum / num_items * (scale * sp)
 
