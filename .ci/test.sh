@@ -12,7 +12,7 @@ fi
 tree_state() { bash .ci/tree-state.sh; }
 before="$(tree_state)"
 
-bash .ci/install.sh
+bash .ci/install.sh --dev  # the pipeline plus the test tools (the README quickstart installs only the pipeline)
 # The second venv with optimum-neuron[training]==0.4.5 for tests/test_neuron_upstream.py (cached between runs).
 bash .ci/install-neuron-venv.sh >/dev/null
 

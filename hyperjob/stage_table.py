@@ -42,7 +42,9 @@ class StageSpec:
     checkpoint before its time limit. `config_keys`: the config keys (dotted; a section name covers the section)
     whose values the stage's result depends on: a change to one of them invalidates a completed stage. `outputs`:
     what the stage leaves behind, as paths; their file sizes and times make the digest that proves a completed
-    stage still stands (stage_outputs).
+    stage still stands (stage_outputs). `time_limit`: the stage's default `--time`, for stages that need far less than
+    training (capped at cluster.time, so a short partition limit still holds); None: cluster.time. Resources
+    (partition, nodes, time, exclusive, sbatch options, interpreter) are resolved by hyperjob.plan.resources.
     """
 
     name: str
@@ -54,6 +56,7 @@ class StageSpec:
     group: str = "tools"
     hub: bool = False
     resumable: bool = False
+    time_limit: str | None = None
     produces: tuple[Output, ...] = ()
     config_keys: tuple[str, ...] = ()
     outputs: Callable[[RunPaths, HyperjobConfig], tuple[Path, ...]] = field(default=lambda p, c: (), compare=False)
@@ -85,6 +88,10 @@ def _lines(table: Path) -> list[str]:
 
 
 _ADAPTER = Output("adapter", lambda p: p.adapter)
+# Default time limits of the single-task stages: generous for an 8B-70B model on a shared filesystem, far below a
+# training day, so that the scheduler can backfill them.
+_SHORT = "02:00:00"
+_EVALUATE = "04:00:00"  # generation with the base and the tuned model, plus the needle table
 _MODEL = ("model.id", "model.revision")
 _SHAPES = ("backend", *_MODEL, "dataset", "parallel", "training", "lora", "cluster.instance_type", "cluster.nodes",
            "cluster.devices_per_node")  # fmt: skip
@@ -97,6 +104,7 @@ _BUILTIN = (
         hub=True,
         config_keys=(*_MODEL, "dataset"),
         outputs=lambda p, c: (base_model_dir(c),),
+        time_limit=_SHORT,
     ),
     StageSpec(
         name="compile",
@@ -127,6 +135,7 @@ _BUILTIN = (
         produces=(_ADAPTER,),
         config_keys=("consolidate",),
         outputs=lambda p, c: (p.adapter,),
+        time_limit=_SHORT,
     ),
     StageSpec(
         name="merge",
@@ -135,6 +144,7 @@ _BUILTIN = (
         produces=(Output("merged model", lambda p: p.merged),),
         config_keys=("merge",),
         outputs=lambda p, c: (p.merged,),
+        time_limit=_SHORT,
     ),
     StageSpec(
         name="evaluate",
@@ -146,6 +156,7 @@ _BUILTIN = (
         ),
         config_keys=("evaluate",),
         outputs=lambda p, c: (p.evaluation,),
+        time_limit=_EVALUATE,
     ),
 )
 
@@ -161,7 +172,7 @@ def spec(name: str) -> StageSpec:
     for row in _TABLE:
         if row.name == name:
             return row
-    raise KeyError(f"no stage {name!r}; the stages are {names()}")
+    raise KeyError(f"no stage {name!r}; the stages are {', '.join(names())}")
 
 
 def names() -> list[str]:

@@ -52,7 +52,7 @@ def states(run_dir: Path, env: dict[str, str] | None = None) -> dict[str, str]:
     import json
 
     out = hyperjob("status", str(run_dir), "--json", env=env)
-    assert out.returncode == 0, out.stderr
+    assert out.returncode in (0, 1), out.stderr  # 1: a stage failed
     return {s["name"]: s["state"] for s in json.loads(out.stdout)["stages"]}
 
 

@@ -546,6 +546,7 @@ def test_product_never_imports_the_fixture_writer() -> None:
     code = (
         "import sys, hyperjob.cli.main, hyperjob.checkpoint.consolidate, hyperjob.checkpoint.stream_merge\n"
         "import hyperjob.checkpoint.merge\n"
+        "hyperjob.cli.main.build_parser(load_all=True)\n"
         "bad = sorted(m for m in sys.modules if m.startswith('hyperjob.testing'))\n"
         "assert not bad, bad\n"
     )

@@ -124,7 +124,9 @@ def test_init_presets_validate(tmp_path: Path) -> None:
     assert main(["init", "--output", str(tmp_path / "gpu" / "hyperjob.yaml")]) == 2  # no silent overwrite
 
 
-@pytest.mark.parametrize("verb", [["--help"], ["plan", str(TRN)], ["render", str(TRN), "--out", "{tmp}/r"]])
+@pytest.mark.parametrize(
+    "verb", [["--help"], ["plan", str(TRN)], ["render", str(TRN), "--out", "{tmp}/r"], ["runs", "{tmp}"]]
+)
 def test_light_verbs_import_no_torch(tmp_path: Path, verb: list[str]) -> None:
     args = [a.replace("{tmp}", str(tmp_path)) for a in verb]
     code = (

@@ -88,7 +88,7 @@ def test_relative_paths_resolve_against_the_config_file(tmp_path: Path, monkeypa
 def test_overrides_parse_yaml_values() -> None:
     out = apply_overrides({"training": {"max_steps": 1}}, ["training.max_steps=7", "lora.target_modules=[q_proj]"])
     assert out == {"training": {"max_steps": 7}, "lora": {"target_modules": ["q_proj"]}}
-    with pytest.raises(ConfigError, match=r"expected KEY\.SUB=VALUE"):
+    with pytest.raises(ConfigError, match=r"--set nonsense: expected KEY=VALUE"):
         apply_overrides({}, ["nonsense"])
 
 

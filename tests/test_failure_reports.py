@@ -15,6 +15,7 @@ import pytest
 from run_helpers import config, hyperjob, only_run_dir
 
 from hyperjob.cli.report import failure_report
+from hyperjob.plan.inputs import SAMPLE_ROWS
 from hyperjob.schedule.errors import error_line, read_log_tail
 from hyperjob.schedule.manifest import Manifest, StageRecord
 from hyperjob.schedule.states import StageState
@@ -217,7 +218,8 @@ def test_failure_report_shows_a_short_tail_only_without_an_error_line(tmp_path: 
 
 # --- end to end: a real failing local run ---------------------------------------------------------------------
 
-MARKED = r"hyperjob train \(rank [01]\): error: /\S+/no-answers\.jsonl:1: missing field 'response'"  # either rank
+# either rank; the first SAMPLE_ROWS rows are good (plan and submit check those), the train stage finds the next
+MARKED = rf"hyperjob train \(rank [01]\): error: /\S+/no-answers\.jsonl:{SAMPLE_ROWS + 1}: missing field 'response'"
 
 
 @pytest.fixture(scope="module")
@@ -226,7 +228,9 @@ def failed_run(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -
     tmp = tmp_path_factory.mktemp("failed-run")
     shutil.copytree(tiny_model_dir, tmp / "work" / "models" / "tiny-llama")  # no download stage needed
     data = tmp / "no-answers.jsonl"
-    data.write_text("".join(json.dumps({"instruction": f"q{i}", "context": ""}) + "\n" for i in range(16)))
+    rows = [{"instruction": f"q{i}", "context": "", "response": f"a{i}"} for i in range(SAMPLE_ROWS)]
+    rows += [{"instruction": f"q{i}", "context": ""} for i in range(SAMPLE_ROWS, SAMPLE_ROWS + 4)]
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
     cfg = config(tmp, ["train", "merge", "evaluate"], dataset={"path": str(data)}, training={"epochs": 1})
     out = hyperjob("submit", str(cfg), "--scheduler", "local", "--wait", "--poll", "0.5")
     assert out.returncode == 1, out.stdout + out.stderr
@@ -245,7 +249,7 @@ def test_submit_wait_names_the_error_not_the_torchrun_tail(failed_run: tuple[Pat
 def test_status_json_has_the_error_of_the_failed_stage_only(failed_run: tuple[Path, str]) -> None:
     run_dir, _ = failed_run
     out = hyperjob("status", str(run_dir), "--json")
-    assert out.returncode == 0, out.stderr
+    assert out.returncode == 1, out.stderr  # a stage failed
     stages = {s["name"]: s for s in json.loads(out.stdout)["stages"]}
     assert (stages["train"]["state"], stages["train"]["exit_code"]) == ("FAILED", "1:0")
     assert re.fullmatch(MARKED, stages["train"]["error"])
@@ -256,7 +260,7 @@ def test_status_json_has_the_error_of_the_failed_stage_only(failed_run: tuple[Pa
 def test_status_prints_the_failure_and_the_resume_command(failed_run: tuple[Path, str]) -> None:
     run_dir, _ = failed_run
     out = hyperjob("status", str(run_dir))
-    assert out.returncode == 0, out.stderr
+    assert out.returncode == 1, out.stderr  # a stage failed
     lines = out.stdout.splitlines()
     at = next(i for i, line in enumerate(lines) if re.fullmatch(rf"stage train failed \(exit 1\): {MARKED}", line))
     log = next(run_dir.joinpath("logs").glob("*-train-*"))

@@ -429,7 +429,8 @@ def submit_held(cluster: SlurmCluster, script: Path) -> tuple[dict[str, str], di
 
 
 def check_header(cluster: SlurmCluster, tmp: Path, values: Mapping[str, str]) -> None:
-    """Render with `values`, submit the first stage script on hold, and compare what Slurm read with what was meant."""
+    """Render with `values`, submit the train stage's script on hold (it keeps cluster.*; the light stages have
+    their own time defaults), and compare what Slurm read with what was meant."""
     (tmp / "home").mkdir(parents=True)
     data = base_config(tmp)
     for key, value in values.items():
@@ -437,8 +438,9 @@ def check_header(cluster: SlurmCluster, tmp: Path, values: Mapping[str, str]) ->
     cfg, plan = load(tmp, data)
     run_dir = cfg.workdir / "runs" / "r"
     write_run_dir(cfg, plan, run_dir, scheduler=None)
-    stage = plan.stages[0]
-    options, job = submit_held(cluster, RunPaths(run_dir).script(1, stage))
+    index, stage = 2, plan.stages[1]
+    assert stage == "train"
+    options, job = submit_held(cluster, RunPaths(run_dir).script(index, stage))
     meant = {
         "job-name": f"{values.get('name', data['name'])}.{stage}",
         "partition": values.get("cluster.partition"),
@@ -459,7 +461,7 @@ def check_header(cluster: SlurmCluster, tmp: Path, values: Mapping[str, str]) ->
         assert job["comment"] == meant["comment"]
     time = str(meant["time"])
     assert job["time_limit"] == slurm_minutes(time), f"--time={time} became {job['time_limit']} minutes"
-    log = RunPaths(run_dir).logs / RunPaths.log_name(1, stage, job["job_id"])
+    log = RunPaths(run_dir).logs / RunPaths.log_name(index, stage, job["job_id"])
     assert slurm_expand(job["standard_output"], job["job_id"]) == str(log)
 
 

@@ -76,7 +76,7 @@ def wait_for(what: str, done: Callable[[], bool], timeout: float = 120.0) -> Non
 def status(run_dir: Path) -> dict[str, tuple[str, str | None, str]]:
     out = subprocess.run([sys.executable, "-m", "hyperjob", "status", str(run_dir), "--json"], capture_output=True,
                          text=True, timeout=60)  # fmt: skip
-    assert out.returncode == 0, out.stderr
+    assert out.returncode in (0, 1), out.stderr  # 1: a stage failed
     return {s["name"]: (s["state"], s["exit_code"], s["reason"]) for s in json.loads(out.stdout)["stages"]}
 
 

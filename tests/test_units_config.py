@@ -146,13 +146,16 @@ def test_apply_overrides() -> None:
 def test_apply_overrides_rejects_malformed_items(item: str) -> None:
     with pytest.raises(ConfigError) as info:
         apply_overrides({}, [item])
-    assert str(info.value) == f"--set: --set {item!r}: expected KEY.SUB=VALUE"
+    assert str(info.value) == (
+        f"--set {item}: expected KEY=VALUE, e.g. training.max_steps=50, cluster.time=12:00:00 or "
+        "lora.target_modules=[q_proj,v_proj]"
+    )
 
 
 def test_apply_overrides_cannot_set_inside_a_value() -> None:
     with pytest.raises(ConfigError) as info:
         apply_overrides({"name": "x"}, ["name.sub.deeper=1"])
-    assert str(info.value) == "--set: name.sub.deeper: cannot set inside 'name', which is not a mapping"
+    assert str(info.value) == "--set name.sub.deeper=1: name is a value, not a section: it has no key sub"
 
 
 # --- paths resolved against the config file -------------------------------------------------------

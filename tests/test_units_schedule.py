@@ -157,7 +157,7 @@ def test_manifest_stage_lookup(tmp_path: Path) -> None:
     m = manifest_of(tmp_path)
     assert m.stage("train") is m.stages[1]
     assert m.stage("merge") is m.stages[2]
-    with pytest.raises(KeyError, match=re.escape("run has no stage 'eval'; its stages are ['download', 'train'")):
+    with pytest.raises(KeyError, match=re.escape("run has no stage 'eval'; its stages are download, train")):
         m.stage("eval")
 
 

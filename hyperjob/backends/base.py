@@ -143,7 +143,11 @@ class Backend:
         return [("OMP_NUM_THREADS", "1")] if stage.distributed else []
 
     def python(self, cfg: HyperjobConfig, stage: StageSpec) -> str:
-        """The interpreter a stage runs with: environment.train_python for the training stack, if set."""
+        """The interpreter a stage runs with: its own (stage_resources.<stage>.python), else
+        environment.train_python for the training stack, if set, else environment.python."""
+        own = cfg.stage_resources.get(stage.name)
+        if own is not None and own.python is not None:
+            return own.python
         env = cfg.environment
         if stage.group == TRAIN_GROUP and env.train_python:
             return env.train_python

@@ -7,6 +7,7 @@ NVIDIA instances.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 
@@ -56,5 +57,14 @@ def lookup(name: str) -> InstanceType | None:
     return CATALOGUE.get(normalise(name))
 
 
+def _natural_key(name: str) -> tuple[list[tuple[int, str]], int, str]:
+    """Family by its numbers (p4d before p5, trn1 before trn1n before trn2), then size (xlarge, 2xlarge, 32xlarge)."""
+    family, _, size = name.partition(".")
+    parts = [(int(t), "") if t.isdigit() else (-1, t) for t in re.split(r"(\d+)", family) if t]
+    match = re.fullmatch(r"(\d*)xlarge", size)
+    return parts, int(match.group(1) or 1) if match else 0, size
+
+
 def known_names() -> list[str]:
-    return sorted(CATALOGUE)
+    """The instance types, in the order a reader expects (trn1.2xlarge before trn1.32xlarge)."""
+    return sorted(CATALOGUE, key=_natural_key)

@@ -38,7 +38,7 @@ def expand(targets: Sequence[str]) -> tuple[str, ...]:
     if ALL_LINEAR in targets:
         if len(targets) > 1:
             others = [t for t in targets if t != ALL_LINEAR]
-            raise ConfigError([(KEY, f"{ALL_LINEAR!r} already names every linear layer; drop {others}")])
+            raise ConfigError([(KEY, f"{ALL_LINEAR!r} already names every linear layer; drop {', '.join(others)}")])
         return LLAMA_LINEARS
     return tuple(targets)
 

@@ -76,7 +76,7 @@ class _SafetensorsStream:
         st_dtypes = safetensors_dtypes()
         missing = sorted({str(d) for _, _, d in planned if d not in st_dtypes})
         if missing:
-            raise CheckpointError(f"{path.name}: dtypes {missing} have no safetensors equivalent")
+            raise CheckpointError(f"{path.name}: dtypes {', '.join(missing)} have no safetensors equivalent")
         entries = [(name, st_dtypes[dtype], shape) for name, shape, dtype in planned]
         self.path, self._pending = path, list(reversed(planned))
         self._writer = SafetensorsWriter(path, entries, SHARD_METADATA)

@@ -35,7 +35,7 @@ from hyperjob.checkpoint.hf_layout import (
 )
 from hyperjob.checkpoint.lora_adapter import FLOAT_DTYPES, Delta, load_adapter, read_json
 from hyperjob.checkpoint.safetensors_io import SafetensorsReader, SafetensorsWriter, TensorInfo, tensor_nbytes
-from hyperjob.checkpoint.stream_support import ByteProgress, ProgressFn, Readahead
+from hyperjob.checkpoint.stream_support import ByteProgress, ProgressFn, Readahead, merge_label
 from hyperjob.fsutil import atomic_dir
 
 __all__ = ["merge_streaming"]
@@ -351,7 +351,7 @@ def _merge(
                     writer.close()
             threads = torch.get_num_threads()
             torch.set_num_threads(1)  # parallelism comes from workers: intra-op threads only add sync on 4 MiB chunks
-            bar = ByteProgress(progress, total, f"merge {output_dir.name}")
+            bar = ByteProgress(progress, total, merge_label(adapter_dir, base_dir))
             try:
                 _run(tasks, workers, bar)
             finally:

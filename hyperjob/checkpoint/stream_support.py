@@ -13,12 +13,20 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from hyperjob.checkpoint.safetensors_io import SafetensorsReader
 
 ProgressFn = Callable[[int, int], None]
 PLAIN_EVERY_S = 10.0
+
+
+def merge_label(adapter_dir: Path, base_dir: Path) -> str:
+    """What a merge's progress line is about: `merge adapter into tiny-llama`, `merge adapter checkpoint-8 into
+    meta-llama--Meta-Llama-3-8B` (the output dir's name, `merged`, said nothing)."""
+    adapter = "adapter" if adapter_dir.name in ("adapter", "") else f"adapter {adapter_dir.name}"
+    return f"merge {adapter} into {base_dir.name or base_dir}"
 
 
 class ByteProgress:

@@ -1,6 +1,8 @@
 """`hyperjob consolidate` and `hyperjob merge`: checkpoints to standard files, on any CPU machine.
 
-Heavy imports (torch) happen inside the verbs, so `hyperjob --help` stays light.
+Both name the base model `--base-model` (merge also takes `--base`, its older spelling), and neither replaces a
+non-empty output directory without `--force`, as `init` and `render` refuse to overwrite. Heavy imports (torch)
+happen inside the verbs, so `hyperjob --help` stays light.
 """
 
 from __future__ import annotations
@@ -25,11 +27,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     )
     c.add_argument("checkpoint", type=Path, metavar="CHECKPOINT", help="output dir, checkpoint-N, or its shards dir")
     c.add_argument("--output", type=Path, required=True, metavar="DIR", help="adapter dir (full checkpoints: model)")
-    c.add_argument("--base-model", type=Path, metavar="DIR", help="base model to merge the adapter into")
+    c.add_argument("--base-model", type=Path, metavar="BASE_DIR", help="base model to merge the adapter into")
     c.add_argument("--merged-output", type=Path, metavar="DIR", help="where the merged model goes")
     c.add_argument("--adapter-name", default="default", help="adapter_<name> inside the checkpoint (default: default)")
     c.add_argument("--allow-drift", action="store_true", help="accept replicated tensors that differ across ranks")
-    _add_merge_options(c)
+    _add_merge_options(c, "replace --output and --merged-output if they exist and are not empty")
     c.set_defaults(func=cmd_consolidate)
 
     m = sub.add_parser(
@@ -39,14 +41,16 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "are copied as bytes. Output shards keep the base's names (or --max-shard-size), plus the index, config, "
         "generation config and tokenizer. DoRA adapters are refused.",
     )
-    m.add_argument("adapter", type=Path, metavar="ADAPTER_DIR")
-    m.add_argument("--base", type=Path, required=True, metavar="BASE_DIR")
-    m.add_argument("--output", type=Path, required=True, metavar="MERGED_DIR")
-    _add_merge_options(m)
+    m.add_argument("adapter", type=Path, metavar="ADAPTER_DIR", help="a PEFT LoRA adapter directory")
+    m.add_argument("--base-model", "--base", dest="base_model", type=Path, required=True, metavar="BASE_DIR",
+                   help="the base model the adapter was trained on (--base is an alias)")  # fmt: skip
+    m.add_argument("--output", type=Path, required=True, metavar="MERGED_DIR", help="where the merged model goes")
+    _add_merge_options(m, "replace MERGED_DIR if it exists and is not empty")
     m.set_defaults(func=cmd_merge)
 
 
-def _add_merge_options(p: argparse.ArgumentParser) -> None:
+def _add_merge_options(p: argparse.ArgumentParser, force_help: str) -> None:
+    p.add_argument("--force", action="store_true", help=force_help)
     p.add_argument("--max-memory", default="1GB", metavar="SIZE", help="memory budget for merging (default 1GB)")
     p.add_argument("--workers", type=int, default=1, metavar="N", help="tensors merged in parallel (default 1)")
     p.add_argument("--max-shard-size", default=None, metavar="SIZE", help="reshard the output (default: as the base)")
@@ -65,14 +69,26 @@ def _sizes(args: argparse.Namespace) -> tuple[int, int | None]:
     return memory, shard
 
 
+def refuse_existing(path: Path, option: str, *, force: bool) -> None:
+    """A non-empty output directory is someone's work: replace it only when asked (it is swapped out only once
+    the new output is complete). Anything else there (a file) is refused even with --force: it is no output of ours."""
+    if not path.exists() and not path.is_symlink():
+        return
+    if not path.is_dir():
+        raise CliError(f"{option} {path} exists and is not a directory; choose another path")
+    if not force and any(path.iterdir()):
+        raise CliError(f"{option} {path} already exists and is not empty; pass --force to replace it")
+
+
 def cmd_merge(args: argparse.Namespace) -> int:
+    memory, shard = _sizes(args)
+    refuse_existing(args.output, "--output", force=args.force)
     from hyperjob.checkpoint.errors import MergeError
     from hyperjob.checkpoint.merge import merge_adapter
 
-    memory, shard = _sizes(args)
     try:
         out = merge_adapter(
-            args.adapter, args.base, args.output, max_shard_size=shard, max_memory=memory, workers=args.workers
+            args.adapter, args.base_model, args.output, max_shard_size=shard, max_memory=memory, workers=args.workers
         )
     except (MergeError, FileNotFoundError) as e:
         raise CliError(str(e), EXIT_RUN_FAILED) from None
@@ -81,13 +97,16 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_consolidate(args: argparse.Namespace) -> int:
+    if (args.base_model is None) != (args.merged_output is None):
+        raise CliError("--base-model and --merged-output go together")
+    memory, shard = _sizes(args)
+    refuse_existing(args.output, "--output", force=args.force)
+    if args.merged_output is not None:
+        refuse_existing(args.merged_output, "--merged-output", force=args.force)
     from hyperjob.checkpoint.consolidate import consolidate_any
     from hyperjob.checkpoint.errors import CheckpointError, MergeError
     from hyperjob.checkpoint.merge import merge_adapter
 
-    if (args.base_model is None) != (args.merged_output is None):
-        raise CliError("--base-model and --merged-output go together")
-    memory, shard = _sizes(args)
     try:
         result = consolidate_any(args.checkpoint, args.output, adapter_name=args.adapter_name,
                                  allow_drift=args.allow_drift, max_shard_size=shard)  # fmt: skip

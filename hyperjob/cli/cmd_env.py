@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import hyperjob
+from hyperjob import backends
 from hyperjob.backends.neuron_env import (
     CORE_DEPS,
     NEURON_INDEX_URL,
@@ -39,6 +40,7 @@ from hyperjob.backends.neuron_env import (
 from hyperjob.cli.common import EXIT_RUN_FAILED, CliError, add_config_args, load_and_plan
 from hyperjob.config.models import HyperjobConfig
 from hyperjob.fsutil import write_json
+from hyperjob.stage_table import spec
 
 DESCRIPTION = f"""\
 Build the Python environment the Trainium training stages (compile, train) run in: a venv at the path of the
@@ -99,8 +101,12 @@ def target_venv(cfg: HyperjobConfig) -> Path:
             f"backend {cfg.backend!r}: `hyperjob env` builds the Neuron venv only (allowed: backend neuron); "
             "for cpu and cuda install hyperjob with .ci/install.sh or pip install 'hyperjob[train]'"
         )
-    key = "environment.train_python" if cfg.environment.train_python else "environment.python"
-    interpreter = cfg.environment.train_python or cfg.environment.python
+    own = cfg.stage_resources.get("train")
+    if own is not None and own.python is not None:
+        key = "stage_resources.train.python"
+    else:
+        key = "environment.train_python" if cfg.environment.train_python else "environment.python"
+    interpreter = backends.get(cfg.backend).python(cfg, spec("train"))
     venv = venv_of(interpreter) if interpreter else None
     if venv is None:
         shown = repr(interpreter) if interpreter else "not set"

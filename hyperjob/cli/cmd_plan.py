@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from hyperjob import backends
 from hyperjob.cli.common import CliError, add_config_args, load_and_plan, table
-from hyperjob.config.models import HyperjobConfig
+from hyperjob.config.load import ConfigError
+from hyperjob.config.models import DatasetFormat, HyperjobConfig
 from hyperjob.paths import RunPaths
+from hyperjob.plan.inputs import check_dataset_sample
 from hyperjob.plan.planner import Plan, describe, total_steps
-from hyperjob.schedule.run import write_run_dir
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -42,6 +45,34 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     r.set_defaults(func=cmd_render)
 
 
+def _row_problem(row: Any, fmt: DatasetFormat, where: str) -> str | None:
+    """The train stage's own row check, as plan's input check asks it (pure Python: no torch)."""
+    from hyperjob.stages.data import DataError, validate_row
+
+    try:
+        validate_row(row, fmt, where)
+    except DataError as e:
+        return str(e)
+    return None
+
+
+def load_checked(config: Path, overrides: Sequence[str]) -> tuple[HyperjobConfig, Plan, list[str]]:
+    """Load and plan CONFIG, check the local inputs, and print every warning a submit would print.
+
+    plan, render and submit (also --dry-run) all start here, so each says the same truth before anything runs.
+    Returns the warnings too, for `plan --json`.
+    """
+    cfg, plan = load_and_plan(config, overrides)
+    try:
+        check_dataset_sample(cfg.dataset, _row_problem)
+    except ConfigError as e:
+        raise CliError("\n".join(ConfigError(e.problems, str(config)).lines())) from None
+    warnings = backends.get(cfg.backend).warnings(cfg, plan.stages)
+    for warning in warnings:
+        print(f"hyperjob: warning: {warning}", file=sys.stderr)
+    return cfg, plan, warnings
+
+
 def _train_args(cfg: HyperjobConfig, plan: Plan) -> dict[str, Any]:
     """The train stage's arguments for a run that does not exist yet: paths show `<run-dir>`."""
     return backends.get(cfg.backend).train_arguments(
@@ -49,8 +80,24 @@ def _train_args(cfg: HyperjobConfig, plan: Plan) -> dict[str, Any]:
     )
 
 
+def _stage_resources(cfg: HyperjobConfig, plan: Plan, config: Path, *, as_json: bool) -> Any:
+    """Each stage's partition, nodes, time, exclusive, sbatch options and interpreter, as the scripts ask for them:
+    the text table `plan` prints, or (as_json) the mapping `plan --json` carries."""
+    from hyperjob.plan import resources
+
+    try:
+        resources.check(cfg)  # the planner's check too; here so that plan never shows a table it would refuse
+        if as_json:
+            return resources.as_json(cfg, plan.stages)
+        rows = resources.table_rows(cfg, plan.stages)
+    except ConfigError as e:
+        raise CliError("\n".join(ConfigError(e.problems, str(config)).lines())) from None
+    title = "stage resources ((set): stage_resources.<stage>, (default): the stage's own, else cluster.*):"
+    return f"{title}\n{table(rows, resources.HEADER)}"
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
-    cfg, plan = load_and_plan(args.config, args.overrides, check_inputs=False)
+    cfg, plan, warnings = load_checked(args.config, args.overrides)
     if args.json:
         data = {
             "backend": plan.backend,
@@ -68,6 +115,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
             "total_steps": total_steps(plan, cfg),
             "stages": list(plan.stages),
             "notes": list(plan.notes),
+            "warnings": warnings,
+            "stage_resources": _stage_resources(cfg, plan, args.config, as_json=True),
         }
         if args.show_args:
             data["train_args"] = _train_args(cfg, plan)
@@ -75,6 +124,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         return 0
     print(f"plan for {cfg.name} ({args.config})")
     print(table(describe(plan, cfg)))
+    print(_stage_resources(cfg, plan, args.config, as_json=False))
     for note in plan.notes:
         print(f"note: {note}")
     if args.show_args:
@@ -84,7 +134,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_render(args: argparse.Namespace) -> int:
-    cfg, plan = load_and_plan(args.config, args.overrides, check_inputs=False)
+    from hyperjob.schedule.run import write_run_dir  # render only: jinja and the schedulers cost plan 45 ms
+
+    cfg, plan, _ = load_checked(args.config, args.overrides)
     out = args.out.resolve()
     if out.exists():
         raise CliError(f"--out {out} already exists; choose a new directory")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from hyperjob.cli.cmd_runs import require_run_dir
 from hyperjob.cli.common import EXIT_RUN_FAILED, CliError, load_and_plan
 from hyperjob.cli.report import print_outcome
 from hyperjob.paths import RunPaths
@@ -49,9 +50,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    run_dir = args.run_dir.resolve()
-    if not RunPaths(run_dir).manifest.is_file():
-        raise CliError(f"{run_dir} is not a hyperjob run directory (no manifest.json)")
+    run_dir = require_run_dir(args.run_dir, "resume")
     cfg, plan = load_and_plan(args.config or RunPaths(run_dir).config, args.overrides)
     print(f"resuming {run_dir}")
     try:

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
-from hyperjob import backends
-from hyperjob.cli.common import EXIT_RUN_FAILED, CliError, add_config_args, load_and_plan
+from hyperjob.cli.cmd_plan import load_checked
+from hyperjob.cli.common import EXIT_RUN_FAILED, CliError, add_config_args
 from hyperjob.cli.report import print_outcome
 from hyperjob.schedule import registry
 from hyperjob.schedule.base import SubmitError
@@ -40,10 +39,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    cfg, plan = load_and_plan(args.config, args.overrides)
-    if not args.dry_run:
-        for warning in backends.get(cfg.backend).warnings(cfg, plan.stages):
-            print(f"hyperjob: warning: {warning}", file=sys.stderr)
+    cfg, plan, _ = load_checked(args.config, args.overrides)
     try:
         target = registry.choose(args.scheduler, dry_run=args.dry_run)
     except registry.SchedulerChoiceError as e:
@@ -72,5 +68,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     if not args.wait:
         print(f"follow it with: hyperjob status {run_dir}")
         return 0
-    manifest = wait_run(run_dir, poll=args.poll)
+    # The local scheduler ran the stages in the foreground and printed each one; polling again would repeat them.
+    if not all(r.state.is_terminal for r in manifest.stages):
+        manifest = wait_run(run_dir, poll=args.poll)
     return 0 if print_outcome(run_dir, manifest) else EXIT_RUN_FAILED

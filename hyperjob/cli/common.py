@@ -1,17 +1,22 @@
-"""Pieces shared by the CLI verbs: loading a config with clear errors, printing tables."""
+"""Pieces shared by the CLI verbs: loading a config with clear errors, printing tables.
+
+Imported by `hyperjob --help` itself, so it imports nothing heavy at module level (pydantic, the planner).
+"""
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from hyperjob.config.load import ConfigError, load_config
-from hyperjob.config.models import HyperjobConfig
-from hyperjob.plan.planner import Plan, make_plan
+if TYPE_CHECKING:
+    from hyperjob.config.models import HyperjobConfig
+    from hyperjob.plan.planner import Plan
 
 EXIT_RUN_FAILED = 1
 EXIT_USAGE = 2
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a Unix tool whose reader went away
 
 
 class CliError(Exception):
@@ -23,13 +28,17 @@ class CliError(Exception):
 
 
 def load_and_plan(config: Path, overrides: Sequence[str], *, check_inputs: bool = True) -> tuple[HyperjobConfig, Plan]:
+    from hyperjob.config.load import ConfigError, load_config
+    from hyperjob.plan.planner import make_plan
+
     try:
         cfg = load_config(config, overrides, check_inputs=check_inputs)
         return cfg, make_plan(cfg)
     except ConfigError as e:
-        # Plan-level errors carry no source: name the file here.
+        # Plan-level errors carry no source: name the file here (a --set error names its --set).
         lines = [
-            line if line.startswith(str(config)) else f"{config}: {line.removeprefix('config: ')}" for line in e.lines()
+            line if line.startswith((str(config), "--set ")) else f"{config}: {line.removeprefix('config: ')}"
+            for line in e.lines()
         ]
         raise CliError("\n".join(lines)) from None
 

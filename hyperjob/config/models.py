@@ -10,12 +10,21 @@ everything else is quoted when rendered.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from hyperjob.config.secrets import looks_secret
+
+# pydantic looks for plugins in every installed distribution's entry points when it builds the first model class:
+# ~100 ms of every CLI verb in a full training venv. These models use none, so the search is skipped while they
+# are built (a user's own PYDANTIC_DISABLE_PLUGINS is left as it is); the end of this module restores the variable.
+_PLUGINS_ENV = "PYDANTIC_DISABLE_PLUGINS"
+_USER_PLUGINS_SETTING = os.environ.get(_PLUGINS_ENV)
+if _USER_PLUGINS_SETTING is None:
+    os.environ[_PLUGINS_ENV] = "__all__"
 
 DatasetFormat = Literal["dolly", "chat", "text"]
 Schedule = Literal["linear", "cosine", "constant", "constant_with_warmup"]
@@ -253,6 +262,45 @@ class EnvironmentSection(_Model):
         return v
 
 
+class StageResourceOverride(_Model):
+    """One stage's own sbatch resources and interpreter, where the cluster's training values would waste a node.
+
+    Every key is optional: unset inherits the stage table's default for that stage, then `cluster.*` (or
+    `environment.*` for `python`); `hyperjob.plan.resources` decides. Stage names and node counts are checked
+    against the stage table by the planner, which knows which stages are distributed.
+    """
+
+    partition: str | None = Field(default=None, pattern=_SLURM_WORD)
+    nodes: PositiveInt | None = Field(
+        default=None, description="1 for single-task stages; a distributed stage's is cluster.nodes (the layout's)"
+    )
+    time: str | None = Field(default=None, pattern=_SLURM_TIME)
+    exclusive: bool | None = None
+    sbatch_extra: tuple[str, ...] | None = Field(default=None, description="replaces cluster.sbatch_extra")
+    python: str | None = Field(default=None, min_length=1, description="replaces environment.(train_)python")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_keys(cls, data: object) -> object:
+        """Name the allowed keys: the generic message cannot, under a mapping keyed by stage."""
+        if isinstance(data, dict):
+            unknown = sorted(str(k) for k in data if k not in cls.model_fields)
+            if unknown:
+                allowed = ", ".join(sorted(cls.model_fields))
+                raise ValueError(f"unknown key {unknown[0]!r}; allowed keys here: {allowed}")
+        return data
+
+    @field_validator("sbatch_extra")
+    @classmethod
+    def _extra_options(cls, v: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        return v if v is None else ClusterSection._extra_options(v)
+
+    @field_validator("python")
+    @classmethod
+    def _interpreter(cls, v: str | None) -> str | None:
+        return EnvironmentSection._interpreter(v)
+
+
 # Free text that never reaches a script line (it is read from config.yaml by Python).
 _FREE_TEXT = {("evaluate", "prompts"), ("environment", "env")}
 
@@ -283,6 +331,9 @@ class HyperjobConfig(_Model):
     merge: MergeSection = Field(default_factory=MergeSection)
     evaluate: EvaluateSection = Field(default_factory=EvaluateSection)
     environment: EnvironmentSection = Field(default_factory=EnvironmentSection)
+    stage_resources: dict[Annotated[str, Field(pattern=_NAME)], StageResourceOverride] = Field(
+        default_factory=dict, description="per-stage partition, nodes, time, exclusive, sbatch_extra, python"
+    )
     stages: tuple[Annotated[str, Field(pattern=_NAME)], ...] | None = None
 
     @model_validator(mode="before")
@@ -311,5 +362,9 @@ class HyperjobConfig(_Model):
         if not v:
             raise ValueError("stages must name at least one stage")
         if len(set(v)) != len(v):
-            raise ValueError(f"stages {list(v)} repeat a stage")
+            raise ValueError(f"stages [{', '.join(v)}] repeat a stage")
         return v
+
+
+if _USER_PLUGINS_SETTING is None:
+    del os.environ[_PLUGINS_ENV]

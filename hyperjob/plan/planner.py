@@ -17,6 +17,7 @@ from hyperjob.config.load import ConfigError
 from hyperjob.config.models import HyperjobConfig
 from hyperjob.model_facts import ModelFacts, model_facts
 from hyperjob.plan.memory import describe_estimate, estimate
+from hyperjob.plan.resources import check as check_stage_resources
 from hyperjob.stage_table import resolve_stages
 
 LONG_CONTEXT = 8192  # from this seq_len on, `plan` shows per-device tokens and activation memory
@@ -86,6 +87,7 @@ def dataset_rows(cfg: HyperjobConfig) -> int | None:
 def make_plan(cfg: HyperjobConfig) -> Plan:
     backend = backends.get(cfg.backend)
     stages = resolve_stages(cfg.stages, backend.name, backend.default_stages)
+    check_stage_resources(cfg)
     inst = lookup(cfg.cluster.instance_type)
     if inst is None:
         known = ", ".join(known_names())

@@ -16,6 +16,7 @@ from hyperjob.backends.base import Backend
 from hyperjob.config.models import HyperjobConfig
 from hyperjob.paths import RunPaths, datasets_cache_dir
 from hyperjob.plan.planner import Plan
+from hyperjob.plan.resources import OVERRIDE, STAGE_DEFAULT, Resources, resolve
 from hyperjob.render.shell import make_env, quote, slurm_filename
 from hyperjob.stage_table import StageSpec, spec
 
@@ -38,6 +39,7 @@ class StageContext:
     nodes: int
     exclusive: bool
     sbatch_options: tuple[str, ...]
+    resources_note: str
     resumable: bool
     max_restarts: int
     save_on_request: bool
@@ -63,22 +65,41 @@ class RenderedStage:
     text: str
 
 
-def _sbatch_options(cfg: HyperjobConfig, row: StageSpec, backend: Backend) -> tuple[str, ...]:
+def _sbatch_options(cfg: HyperjobConfig, row: StageSpec, backend: Backend, res: Resources) -> tuple[str, ...]:
     c = cfg.cluster
     opts = []
     if row.resumable:
         opts.append("--requeue" if c.requeue else "--no-requeue")
         if backend.runtime.save_on_request:  # to this script (B:), which asks train to save and stop
             opts.append(f"--signal=B:USR2@{c.save_before_time_limit}")
-    if c.partition:
-        opts.append(f"--partition={c.partition}")
+    if res.partition:
+        opts.append(f"--partition={res.partition}")
     if c.account:
         opts.append(f"--account={c.account}")
     if c.qos:
         opts.append(f"--qos={c.qos}")
-    if c.time:
-        opts.append(f"--time={c.time}")
-    return (*opts, *c.sbatch_extra)
+    if res.time:
+        opts.append(f"--time={res.time}")
+    return (*opts, *res.sbatch_extra)
+
+
+def _resources_note(res: Resources) -> str:
+    """Header values that are not cluster.*'s and why: a reader should not wonder why a merge asks for 2 hours."""
+    shown = {
+        "partition": f"partition {res.partition}",
+        "nodes": f"{res.nodes} node(s)",
+        "time": f"time {res.time}",
+        "exclusive": "exclusive" if res.exclusive else "not exclusive",
+        "sbatch_extra": f"sbatch options {' '.join(res.sbatch_extra) or '(none)'}",
+        "python": f"python {res.python}",
+    }
+    by_source: dict[str, list[str]] = {OVERRIDE: [], STAGE_DEFAULT: []}
+    for key, source in res.sources:
+        if source in by_source and not (key == "nodes" and source == STAGE_DEFAULT):  # one node: plain to see
+            by_source[source].append(shown[key])
+    labels = {OVERRIDE: f"stage_resources.{res.stage}", STAGE_DEFAULT: "stage default"}
+    parts = [f"{', '.join(items)} ({labels[source]})" for source, items in by_source.items() if items]
+    return f"Resources: {'; '.join(parts)}; the rest from cluster.*" if parts else ""
 
 
 def stage_env(cfg: HyperjobConfig, backend: Backend, stage: StageSpec) -> tuple[tuple[str, str], ...]:
@@ -107,7 +128,7 @@ def _token_source(cfg: HyperjobConfig) -> str:
 
 
 def stage_context(cfg: HyperjobConfig, plan: Plan, run_dir: Path, stage: str, index: int) -> StageContext:
-    row, backend = spec(stage), backends.get(cfg.backend)
+    row, backend, res = spec(stage), backends.get(cfg.backend), resolve(cfg, stage)
     paths = RunPaths(run_dir)
     entry, entry_args = backend.entry(row)
     return StageContext(
@@ -119,12 +140,13 @@ def stage_context(cfg: HyperjobConfig, plan: Plan, run_dir: Path, stage: str, in
         template=row.template,
         run_name=cfg.name,
         run_dir=str(run_dir),
-        python=backend.python(cfg, row),
+        python=res.python,
         job_name=f"{cfg.name}.{stage}",
         log_pattern=f"{slurm_filename(paths.logs)}/{RunPaths.log_name(index, stage, '%j')}",
-        nodes=plan.nodes if row.distributed else 1,
-        exclusive=cfg.cluster.exclusive and row.distributed,
-        sbatch_options=_sbatch_options(cfg, row, backend),
+        nodes=res.nodes,
+        exclusive=res.exclusive,
+        sbatch_options=_sbatch_options(cfg, row, backend, res),
+        resources_note=_resources_note(res),
         resumable=row.resumable,
         max_restarts=cfg.cluster.max_restarts,
         save_on_request=row.resumable and backend.runtime.save_on_request,

@@ -65,7 +65,7 @@ class Manifest:
         for rec in self.stages:
             if rec.name == name:
                 return rec
-        raise KeyError(f"run has no stage {name!r}; its stages are {[s.name for s in self.stages]}")
+        raise KeyError(f"run has no stage {name!r}; its stages are {', '.join(s.name for s in self.stages)}")
 
     def with_stage(self, rec: StageRecord) -> Manifest:
         return replace(self, stages=tuple(rec if s.name == rec.name else s for s in self.stages))

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
-from dataclasses import replace
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 
@@ -23,7 +23,7 @@ from hyperjob.render.scripts import RenderedStage, render_run
 from hyperjob.schedule import registry
 from hyperjob.schedule.base import Echo, Scheduler, SchedulerError, SubmitRequest
 from hyperjob.schedule.manifest import Manifest, StageRecord, now, read_manifest, write_manifest
-from hyperjob.schedule.outcome import combine_all, read_outcomes, stranded
+from hyperjob.schedule.outcome import Outcome, combine, combine_all, read_outcomes, stranded
 from hyperjob.schedule.states import StageState
 
 
@@ -135,11 +135,49 @@ def wait_run(
         time.sleep(poll)
 
 
-def cancel_run(run_dir: Path) -> Manifest:
+@dataclass(frozen=True)
+class Cancelled:
+    """What `cancel_stages` did: the manifest after it, the stages it cancelled, and the stages that were still
+    open in the scheduler's view but whose own outcome records say they had ended (kept as they ended)."""
+
+    manifest: Manifest
+    cancelled: tuple[str, ...]
+    finished: tuple[str, ...]
+
+
+def cancel_stages(run_dir: Path) -> Cancelled:
+    """Cancel every submitted, unfinished stage. A stage whose script recorded its exit has ended, whatever the
+    scheduler still says (Slurm shows a finished job as COMPLETING for a while): exit 0, before or during the
+    cancel, is COMPLETED; a non-zero exit recorded before it is that stage's own failure. Only the rest are marked
+    CANCELLED. A run with nothing open is left untouched (nothing written), and the scheduler is not asked to
+    cancel anything when every open stage turns out to have ended."""
     manifest = refresh(run_dir)
-    live = [r for r in manifest.stages if not r.state.is_terminal]
-    registry.get(manifest.scheduler).cancel(run_dir, manifest)
-    for rec in live:
-        manifest = manifest.with_stage(replace(rec, state=StageState.CANCELLED, reason="cancelled by user"))
+    open_ = [r for r in manifest.stages if r.is_open]
+    if not open_:
+        return Cancelled(manifest, (), ())
+    scheduler = registry.get(manifest.scheduler)
+    ended = _ended(open_, read_outcomes(run_dir, manifest), scheduler.name)
+    if len(ended) < len(open_):
+        scheduler.cancel(run_dir, replace(manifest, stages=tuple(ended.get(r.name, r) for r in manifest.stages)))
+        late = _ended(open_, read_outcomes(run_dir, manifest), scheduler.name)
+        ended |= {name: rec for name, rec in late.items() if rec.state is StageState.COMPLETED and name not in ended}
+    for rec in open_:
+        final = ended.get(rec.name) or replace(rec, state=StageState.CANCELLED, reason="cancelled by user")
+        manifest = manifest.with_stage(final)
     write_manifest(run_dir, manifest)
-    return manifest
+    cancelled = tuple(r.name for r in open_ if r.name not in ended)
+    return Cancelled(manifest, cancelled, tuple(r.name for r in open_ if r.name in ended))
+
+
+def _ended(records: list[StageRecord], outcomes: Mapping[str, Outcome], who: str) -> dict[str, StageRecord]:
+    """The stages among `records` whose outcome record holds an exit code, as that record says they ended."""
+    return {
+        r.name: combine(r, None, outcomes[r.name], None, who)
+        for r in records
+        if r.name in outcomes and outcomes[r.name].finished
+    }
+
+
+def cancel_run(run_dir: Path) -> Manifest:
+    """`cancel_stages`, for callers that need only the resulting manifest."""
+    return cancel_stages(run_dir).manifest

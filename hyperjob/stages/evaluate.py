@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import unicodedata
 from pathlib import Path
 from typing import Any
 
@@ -77,13 +78,35 @@ def _free(model: Any) -> None:
         torch.cuda.empty_cache()
 
 
-def render_markdown(name: str, base: Path, tuned: str, records: list[dict[str, str]]) -> str:
-    lines = [f"# Evaluation: {name}", "", f"- base model: `{base}`", f"- tuned model: `{tuned}`", ""]
+# Text a terminal would act on rather than show: C0/C1 controls (ESC sequences, \r, NUL...), line and paragraph
+# separators, unpaired surrogates (unencodable), and the bidi controls that reorder what is displayed.
+_BIDI = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+_UNSAFE = frozenset(("Cc", "Cs", "Zl", "Zp"))
+TINY_NOTE = (
+    "tiny-llama has random weights and a toy tokenizer: these answers are noise by design "
+    "(the run tests the pipeline, not a model)"
+)
+
+
+def escape_controls(text: str, *, keep_newlines: bool = True) -> str:
+    """`text` with every character a terminal would interpret written as a Python escape (\\x1b, \\r, \\u202e),
+    so `cat answers.md` shows what a model emitted instead of acting on it. Tabs (and newlines if kept) stay."""
+    keep = {"\t", "\n"} if keep_newlines else {"\t"}
+    return "".join(
+        ch if ch in keep or (unicodedata.category(ch) not in _UNSAFE and ch not in _BIDI) else ascii(ch)[1:-1]
+        for ch in text
+    )
+
+
+def render_markdown(name: str, base: Path, tuned: str, records: list[dict[str, str]], note: str | None = None) -> str:
+    """answers.md: each prompt with the base and the tuned answer, quoted, control characters escaped."""
+    lines = [f"# Evaluation: {name}", "", f"- base model: `{base}`", f"- tuned model: `{tuned}`"]
+    lines += [f"- note: {note}", ""] if note else [""]
     for i, rec in enumerate(records, start=1):
-        lines += [f"## {i}. {rec['prompt']}", ""]
+        lines += [f"## {i}. {escape_controls(rec['prompt'], keep_newlines=False)}", ""]
         for key in ("base", "tuned"):
-            answer = rec[key] or "(empty)"
-            lines += [f"**{key}:**", "", *(f"> {line}" for line in answer.splitlines()), ""]
+            answer = escape_controls(rec[key]) or "(empty)"
+            lines += [f"**{key}:**", "", *(f"> {line}" for line in answer.split("\n")), ""]
     return "\n".join(lines)
 
 
@@ -135,7 +158,10 @@ def _evaluate(paths: RunPaths, cfg: HyperjobConfig) -> int:
     ]
     with atomic_dir(paths.evaluation) as tmp:
         (tmp / "answers.json").write_text(json.dumps(records, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        (tmp / "answers.md").write_text(render_markdown(cfg.name, base, tuned_label, records), encoding="utf-8")
+        (tmp / "answers.md").write_text(
+            render_markdown(cfg.name, base, tuned_label, records, TINY_NOTE if cfg.model.is_tiny else None),
+            encoding="utf-8",
+        )
         if needle is not None:
             write_needle(tmp, needle)
     print(f"answers: {paths.evaluation / 'answers.json'} (readable: {paths.evaluation / 'answers.md'})", flush=True)

@@ -81,7 +81,7 @@ def _load_model(base: Path, cfg: HyperjobConfig, args: dict[str, Any], dtype: An
     try:
         return get_peft_model(model, LoraConfig(**args["lora_config"]))
     except ValueError as e:
-        raise StageError(f"lora.target_modules {list(cfg.lora.target_modules)} do not fit {base}: {e}") from None
+        raise StageError(f"lora.target_modules [{', '.join(cfg.lora.target_modules)}] do not fit {base}: {e}") from None
 
 
 def _nf4_config(kwargs: dict[str, Any]) -> Any:
@@ -114,7 +114,9 @@ def train(paths: RunPaths, cfg: HyperjobConfig, compile_only: bool = False) -> i
 
     from hyperjob.stages import train_longctx as longctx
     from hyperjob.stages.adapter_save import save_adapter
+    from hyperjob.stages.curves import curves_callback
     from hyperjob.stages.data import PadCollator, build_train_examples, pad_id_of
+    from hyperjob.stages.progress import progress_callback
 
     hf_logging.disable_progress_bar()  # per-tensor loading bars from every rank drown the step logs
 
@@ -166,7 +168,7 @@ def train(paths: RunPaths, cfg: HyperjobConfig, compile_only: bool = False) -> i
     trainer_cls = longctx.trainer_class(cfg, group) if longctx.customised(cfg) else Trainer
     trainer = trainer_cls(
         model=model, args=args, train_dataset=examples, data_collator=collator, processing_class=tokenizer,
-        callbacks=[*fault_callbacks(), stopper],
+        callbacks=[*fault_callbacks(), stopper, curves_callback(paths.run_dir), progress_callback(paths.run_dir)],
     )  # fmt: skip
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     if stopper.stopped:
