@@ -44,6 +44,7 @@ from hyperjob.config.load import ConfigError, load_config
 from hyperjob.config.models import HyperjobConfig
 from hyperjob.paths import RunPaths
 from hyperjob.plan.planner import Plan, make_plan
+from hyperjob.plan.resources import slurm_minutes
 from hyperjob.schedule.run import write_run_dir
 from hyperjob.stage_table import spec
 
@@ -376,22 +377,6 @@ def test_strongest_accepted_values(tmp_path_factory: pytest.TempPathFactory, val
 
 
 # --- Real sbatch ----------------------------------------------------------------------------------------------------
-
-
-def slurm_minutes(time: str) -> int | None:
-    """Slurm's reading of a --time value, in minutes (seconds round up); None for no limit (0 means none too)."""
-    if time in ("UNLIMITED", "INFINITE"):
-        return None
-    days, _, clock = time.rpartition("-")
-    parts = [int(p) for p in clock.split(":")]
-    if days:  # D-H, D-H:M, D-H:M:S
-        hours, minutes, seconds = [*parts, 0, 0][:3]
-    elif len(parts) == 3:  # H:M:S
-        hours, minutes, seconds = parts
-    else:  # M, M:S
-        hours, (minutes, seconds) = 0, [*parts, 0][:2]
-    total = int(days or 0) * 86400 + hours * 3600 + minutes * 60 + seconds
-    return -(-total // 60) or None
 
 
 def slurm_expand(pattern: str, job_id: str) -> str:

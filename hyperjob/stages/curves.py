@@ -8,21 +8,18 @@ x axis with the first and last step; the CSV carries the exact numbers.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import logging
 import math
-import os
 import struct
-import tempfile
 import time
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from hyperjob.fsutil import apply_umask, atomic_write_text
+from hyperjob.fsutil import atomic_write_bytes, atomic_write_text
 
 CURVES_CSV = "train_curves.csv"
 CURVES_PNG = "train_curves.png"
@@ -190,28 +187,12 @@ def curves_png(rows: Sequence[Mapping[str, Any]]) -> bytes:
     return canvas.png()
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    """As fsutil.atomic_write_text, for bytes: a viewer reloading the PNG never sees half of it."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        apply_umask(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def write_curves(run_dir: Path, log_history: Iterable[Mapping[str, Any]]) -> tuple[Path, Path]:
     """Write `<run>/train_curves.csv` and `<run>/train_curves.png` from the Trainer's log history, atomically."""
     rows = curve_rows(log_history)
     csv_path, png_path = run_dir / CURVES_CSV, run_dir / CURVES_PNG
     atomic_write_text(csv_path, curves_csv(rows))
-    _atomic_write_bytes(png_path, curves_png(rows))
+    atomic_write_bytes(png_path, curves_png(rows))
     return csv_path, png_path
 
 
