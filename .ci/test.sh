@@ -36,9 +36,11 @@ stop_slurm() {
 trap stop_slurm EXIT
 
 export PATH="$PWD/.venv/bin:$PATH"
-.venv/bin/ruff check hyperjob tests bench
-.venv/bin/ruff format --check hyperjob tests bench
+.venv/bin/ruff check hyperjob tests bench lifecycle_scripts
+.venv/bin/ruff format --check hyperjob tests bench lifecycle_scripts
 .venv/bin/mypy
+# The lifecycle scripts run on the cluster's stock python3 (3.8+, standard library only): checked strictly, apart.
+(cd lifecycle_scripts && ../.venv/bin/mypy --strict ./*.py)
 .venv/bin/python -m pytest "$@"
 
 if [[ "$(tree_state)" != "$before" ]]; then

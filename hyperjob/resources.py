@@ -1,5 +1,5 @@
-"""Files shipped beside the code: `templates/` and `examples/` at the top of a source checkout,
-`hyperjob/_templates` and `hyperjob/_examples` inside an installed wheel (pyproject force-include)."""
+"""Files shipped beside the code: `templates/`, `examples/`, `cloudformation/` and `lifecycle_scripts/` at the top
+of a source checkout, `hyperjob/_<name>` inside an installed wheel (pyproject force-include)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ _PACKAGE = Path(__file__).resolve().parent
 
 
 def shipped_dir(name: str) -> Path:
-    """The directory `name` ("templates" or "examples"), wherever this installation keeps it."""
+    """The directory `name` (templates, examples, cloudformation, lifecycle_scripts), wherever it is installed."""
     for candidate in (_PACKAGE / f"_{name}", _PACKAGE.parent / name):
         if candidate.is_dir():
             return candidate

@@ -2,6 +2,7 @@
 
 import os
 
+from fixtures_moto import *  # noqa: F403
 from fixtures_slurm import *  # noqa: F403
 from fixtures_slurm2 import *  # noqa: F403
 from fixtures_tiny import *  # noqa: F403

@@ -57,7 +57,7 @@ def lookup(name: str) -> InstanceType | None:
     return CATALOGUE.get(normalise(name))
 
 
-def _natural_key(name: str) -> tuple[list[tuple[int, str]], int, str]:
+def natural_key(name: str) -> tuple[list[tuple[int, str]], int, str]:
     """Family by its numbers (p4d before p5, trn1 before trn1n before trn2), then size (xlarge, 2xlarge, 32xlarge)."""
     family, _, size = name.partition(".")
     parts = [(int(t), "") if t.isdigit() else (-1, t) for t in re.split(r"(\d+)", family) if t]
@@ -67,4 +67,4 @@ def _natural_key(name: str) -> tuple[list[tuple[int, str]], int, str]:
 
 def known_names() -> list[str]:
     """The instance types, in the order a reader expects (trn1.2xlarge before trn1.32xlarge)."""
-    return sorted(CATALOGUE, key=_natural_key)
+    return sorted(CATALOGUE, key=natural_key)
