@@ -12,6 +12,7 @@ import json
 import re
 import shutil
 from pathlib import Path
+from typing import Any
 
 from hyperjob.cli.common import CliError
 from hyperjob.fsutil import atomic_write_text
@@ -42,12 +43,29 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output", "-o", type=Path, default=Path("hyperjob.yaml"), metavar="FILE",
                    help="the config to write (default: hyperjob.yaml)")  # fmt: skip
     p.add_argument("--force", action="store_true", help="overwrite FILE if it exists")
+    p.add_argument(
+        "--cluster",
+        type=Path,
+        metavar="CLUSTER_CONFIG",
+        help="take the workdir (on the cluster's FSx) and the partition and instance type of its first worker group "
+        "from a `hyperjob cluster` config",
+    )
     p.set_defaults(func=cmd_init)
 
 
 def _yaml_string(value: str) -> str:
     """A YAML scalar for a path: plain when it is unambiguous, else double-quoted (JSON strings are YAML)."""
     return value if _PLAIN_SCALAR.fullmatch(value) else json.dumps(value)
+
+
+def _cluster_config(path: Path) -> Any:
+    from hyperjob.aws.cluster_config import load_cluster_config
+    from hyperjob.config.load import ConfigError
+
+    try:
+        return load_cluster_config(path, check_inputs=False)
+    except ConfigError as e:
+        raise CliError("\n".join(e.lines())) from None
 
 
 def absolute_workdir(text: str, config_dir: Path) -> tuple[str, str | None]:
@@ -63,13 +81,39 @@ def absolute_workdir(text: str, config_dir: Path) -> tuple[str, str | None]:
     return text[: match.start()] + line + text[match.end() :], workdir
 
 
+def _set_line(text: str, key: str, value: str, indent: str = "") -> str:
+    """Replace the value of the first `<indent><key>:` line, keeping its comment."""
+    pattern = re.compile(rf"^{indent}{key}:[ \t]*[^#\n]*?(?P<comment>[ \t]+#[^\n]*)?$", re.MULTILINE)
+    return pattern.sub(lambda m: f"{indent}{key}: {_yaml_string(value)}{m['comment'] or ''}", text, count=1)
+
+
+def from_cluster(text: str, cluster: Any) -> tuple[str, list[str]]:
+    """The preset with its workdir on the cluster's FSx and its cluster.partition / instance_type those of the
+    cluster's first worker group; and what was taken, for the user."""
+    worker = cluster.workers[0]
+    text = _set_line(text, "partition", worker.partition, "  ")
+    text = _set_line(text, "instance_type", worker.instance_type, "  ")
+    taken = [f"partition {worker.partition} and instance type {worker.instance_type} (worker group {worker.name})"]
+    if cluster.fsx.mode != "none":
+        workdir = f"{cluster.fsx.mount_path.rstrip('/')}/hyperjob"
+        text = _set_line(text, "workdir", workdir)
+        taken.append(f"workdir {workdir} (the cluster's FSx)")
+    return text, taken
+
+
 def cmd_init(args: argparse.Namespace) -> int:
     out: Path = args.output
     if out.exists() and not args.force:
         raise CliError(f"{out} already exists (use --force to overwrite)")
     src = shipped_dir("examples")
-    text, workdir = absolute_workdir((src / PRESETS[args.preset]).read_text(), out.parent)
+    preset = (src / PRESETS[args.preset]).read_text()
+    taken: list[str] = []
+    if args.cluster is not None:
+        preset, taken = from_cluster(preset, _cluster_config(args.cluster))
+    text, workdir = absolute_workdir(preset, out.parent)
     atomic_write_text(out, text)
+    for line in taken:
+        print(f"from {args.cluster}: {line}")
     for rel in PRESET_DATA.get(args.preset, ()):
         target = out.parent / rel
         if not target.exists():

@@ -53,6 +53,7 @@ VERBS: tuple[Verb, ...] = (  # one-liners fit 80 columns beside the names: at mo
     Verb("resume", "hyperjob.cli.cmd_resume", "redo the failed/cancelled/lost stages of a run, keep the rest"),
     Verb("consolidate", "hyperjob.cli.cmd_checkpoint", "Neuron TP checkpoint -> PEFT adapter (and a merged model)"),
     Verb("merge", "hyperjob.cli.cmd_checkpoint", "merge a LoRA adapter into its base model, streaming"),
+    Verb("cluster", "hyperjob.cli.cmd_cluster", "create, check, reach and delete a HyperPod Slurm cluster"),
     Verb("env", "hyperjob.cli.cmd_env", "build the pinned Neuron venv on the shared filesystem"),
     Verb("completion", "hyperjob.cli.cmd_completion", "print a shell completion script (bash or zsh)"),
 )
