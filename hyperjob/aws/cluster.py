@@ -142,6 +142,16 @@ def _failure(cfg: ClusterConfig, description: Mapping[str, Any]) -> AwsError:
                     f"group {where})")  # fmt: skip
 
 
+def _wait(deadline: float, delay: float, sleep: Callable[[float], None], clock: Callable[[], float]) -> float | None:
+    """Sleep before the next DescribeCluster (never past the deadline) and return the next, doubled, delay; None
+    once the deadline has passed. The one backoff of both waits (InService, deleted)."""
+    remaining = deadline - clock()
+    if remaining <= 0:
+        return None
+    sleep(min(delay, remaining))
+    return min(delay * 2, MAX_DELAY_S)
+
+
 def wait_in_service(
     cfg: ClusterConfig,
     *,
@@ -167,11 +177,10 @@ def wait_in_service(
             return description
         if status in FAILED_STATUSES:
             raise _failure(cfg, description)
-        remaining = deadline - clock()
-        if remaining <= 0:
+        next_delay = _wait(deadline, delay, sleep, clock)
+        if next_delay is None:
             raise AwsError(f"cluster {cfg.cluster_name} not InService after {timeout_s:.0f} s; last seen: {line}")
-        sleep(min(delay, remaining))
-        delay = min(delay * 2, MAX_DELAY_S)
+        delay = next_delay
 
 
 # --- nodes and delete --------------------------------------------------------------------------------------------
@@ -250,8 +259,7 @@ def _wait_gone(
         status = description.get("ClusterStatus")
         if status == "Failed":
             raise _failure(cfg, description)
-        remaining = deadline - clock()
-        if remaining <= 0:
+        next_delay = _wait(deadline, delay, sleep, clock)
+        if next_delay is None:
             raise AwsError(f"cluster {cfg.cluster_name} still exists ({status}) after {timeout_s:.0f} s of deleting")
-        sleep(min(delay, remaining))
-        delay = min(delay * 2, MAX_DELAY_S)
+        delay = next_delay

@@ -8,7 +8,6 @@ no boto3 here.
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -18,13 +17,11 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from hyperjob.backends.catalogue import natural_key
 from hyperjob.config.load import ConfigError, apply_overrides, format_validation_error, read_yaml
+from hyperjob.config.plugins import plugin_search_off
 from hyperjob.resources import shipped_dir
 
-# Same as hyperjob.config.models: skip pydantic's plugin search while these models are built (~100 ms per verb).
-_PLUGINS_ENV = "PYDANTIC_DISABLE_PLUGINS"
-_USER_PLUGINS_SETTING = os.environ.get(_PLUGINS_ENV)
-if _USER_PLUGINS_SETTING is None:
-    os.environ[_PLUGINS_ENV] = "__all__"
+# pydantic's plugin search is skipped while these models are built (hyperjob.config.plugins).
+_restore_plugin_search = plugin_search_off()
 
 ApiStyle = Literal["slurm-config", "provisioning-parameters"]
 NodeRole = Literal["Controller", "Login", "Compute"]  # CreateCluster's SlurmConfig.NodeType values
@@ -447,5 +444,4 @@ def load_cluster_config(path: Path | str, overrides: Iterable[str] = (), *, chec
     return cfg
 
 
-if _USER_PLUGINS_SETTING is None:
-    del os.environ[_PLUGINS_ENV]
+_restore_plugin_search()

@@ -10,21 +10,16 @@ everything else is quoted when rendered.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from hyperjob.config.plugins import plugin_search_off
 from hyperjob.config.secrets import looks_secret
 
-# pydantic looks for plugins in every installed distribution's entry points when it builds the first model class:
-# ~100 ms of every CLI verb in a full training venv. These models use none, so the search is skipped while they
-# are built (a user's own PYDANTIC_DISABLE_PLUGINS is left as it is); the end of this module restores the variable.
-_PLUGINS_ENV = "PYDANTIC_DISABLE_PLUGINS"
-_USER_PLUGINS_SETTING = os.environ.get(_PLUGINS_ENV)
-if _USER_PLUGINS_SETTING is None:
-    os.environ[_PLUGINS_ENV] = "__all__"
+# pydantic's plugin search is skipped while these models are built (hyperjob.config.plugins).
+_restore_plugin_search = plugin_search_off()
 
 DatasetFormat = Literal["dolly", "chat", "text"]
 Schedule = Literal["linear", "cosine", "constant", "constant_with_warmup"]
@@ -366,5 +361,4 @@ class HyperjobConfig(_Model):
         return v
 
 
-if _USER_PLUGINS_SETTING is None:
-    del os.environ[_PLUGINS_ENV]
+_restore_plugin_search()
