@@ -140,8 +140,8 @@ def drop_caches() -> bool:
         return False
 
 
-def run_measured(code: str, *args: str) -> tuple[float, float, float | None]:
-    """(wall s, peak RSS MB, engine s or None) of one `python -c code` child.
+def run_child(code: str, *args: str) -> tuple[float, float, str]:
+    """(wall s, peak RSS MB, stdout) of one `python -c code` child.
 
     Peak RSS is the child's own VmHWM: getrusage's ru_maxrss would not do, as Linux carries the parent's peak (this
     script holds torch) across fork and exec into the child's figure.
@@ -149,9 +149,15 @@ def run_measured(code: str, *args: str) -> tuple[float, float, float | None]:
     t0 = time.perf_counter()
     out = subprocess.run([sys.executable, "-c", code + REPORT, *args], check=True, capture_output=True, text=True)
     wall = time.perf_counter() - t0
-    report = dict(line.split("=", 1) for line in out.stdout.splitlines() if "=" in line)
-    engine = float(report["ENGINE_S"]) if "ENGINE_S" in report else None
-    return wall, int(report["HWM_KB"]) / 1024, engine
+    report = dict(line.split("=", 1) for line in out.stdout.splitlines() if line.startswith("HWM_KB="))
+    return wall, int(report["HWM_KB"]) / 1024, out.stdout
+
+
+def run_measured(code: str, *args: str) -> tuple[float, float, float | None]:
+    """(wall s, peak RSS MB, engine s or None) of one `python -c code` child (see run_child)."""
+    wall, rss, stdout = run_child(code, *args)
+    report = dict(line.split("=", 1) for line in stdout.splitlines() if line.startswith("ENGINE_S="))
+    return wall, rss, float(report["ENGINE_S"]) if "ENGINE_S" in report else None
 
 
 REPORT = """

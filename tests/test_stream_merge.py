@@ -10,6 +10,7 @@ Logits are compared in fp32 from the merged weights, so they only see those weig
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import importlib.util
 import itertools
@@ -33,10 +34,11 @@ from safetensors import safe_open  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig  # noqa: E402
 
-from hyperjob.checkpoint import safetensors_io, stream_merge  # noqa: E402
+from hyperjob.checkpoint import direct_io, merge_pipeline, stream_merge  # noqa: E402
 from hyperjob.checkpoint.errors import MergeError, SafetensorsError  # noqa: E402
-from hyperjob.checkpoint.safetensors_io import SafetensorsReader, SafetensorsWriter  # noqa: E402
-from hyperjob.checkpoint.stream_merge import merge_streaming  # noqa: E402
+from hyperjob.checkpoint.merge_pipeline import WRITERS, MergeStats  # noqa: E402
+from hyperjob.checkpoint.safetensors_io import SafetensorsReader, SafetensorsWriter, plan_layout  # noqa: E402
+from hyperjob.checkpoint.stream_merge import Sizing, merge_streaming, size_buffers  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 ALL7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -201,38 +203,89 @@ def complex_adapter(bases: Any, tmp_path: Path) -> tuple[Path, Path]:
     return _make_adapter(base, tmp_path / "adapter", "bfloat16", lora), base
 
 
-def test_workers_and_tiny_chunks_give_identical_bytes(
+def test_workers_tiny_chunks_and_blocks_give_identical_bytes(
     complex_adapter: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     adapter, base = complex_adapter
-    ref = merge_streaming(adapter, base, tmp_path / "ref", progress=False)
-    monkeypatch.setattr(stream_merge, "CHUNK_CAP", 2048)  # a few rows per chunk
-    monkeypatch.setattr(stream_merge, "COPY_STEP", 1000)  # copies in many pieces
-    monkeypatch.setattr(stream_merge, "READAHEAD", 4096)
+    ref = merge_streaming(adapter, base, tmp_path / "ref", workers=1, progress=False)
+    monkeypatch.setattr(stream_merge, "CHUNK_CAP", 2048)  # 5 rows per compute chunk
+    monkeypatch.setattr(stream_merge, "BLOCK_CAP", direct_io.ALIGN)  # blocks cut rows and elements apart
+    monkeypatch.setattr(merge_pipeline, "READAHEAD", 4096)
     calls: list[tuple[int, int]] = []
-    out = merge_streaming(adapter, base, tmp_path / "out", workers=3, progress=lambda d, t: calls.append((d, t)))
+    stats = MergeStats()
+    out = merge_streaming(adapter, base, tmp_path / "out", workers=3, progress=lambda d, t: calls.append((d, t)),
+                          stats=stats)  # fmt: skip
     for f in _safetensors_files(base):
         assert (out / f).read_bytes() == (ref / f).read_bytes(), f
-    assert (
-        len(calls) > 50
-        and calls[-1][0]
-        == calls[-1][1]
-        == json.loads((out / "model.safetensors.index.json").read_text())["metadata"]["total_size"]
-    )
+    total = json.loads((out / "model.safetensors.index.json").read_text())["metadata"]["total_size"]
+    assert len(calls) > 50 and calls[-1][0] == calls[-1][1] >= total  # progress counts file bytes (headers too)
     assert all(a[0] < b[0] for a, b in itertools.pairwise(calls))
+    assert stats.workers == 3 and stats.bytes == total and stats.wall > 0 and stats.direct
+    assert "bound by" in stats.summary() and stats.bound() in stats.shares()
 
 
-@pytest.mark.parametrize("disabled", [("copy_file_range",), ("copy_file_range", "sendfile")])
-def test_copy_fallbacks_give_identical_bytes(
-    disabled: tuple[str, ...], complex_adapter: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def test_buffered_writes_where_direct_io_is_refused(
+    complex_adapter: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """tmpfs and some network filesystems refuse O_DIRECT writes with EINVAL: the file goes on buffered."""
     adapter, base = complex_adapter
     ref = merge_streaming(adapter, base, tmp_path / "ref", progress=False)
-    for name in disabled:  # as on a filesystem or kernel without them
-        monkeypatch.setitem(safetensors_io._kernel_copy, name, False)
-    out = merge_streaming(adapter, base, tmp_path / "out", progress=False)
+    plain = merge_streaming(adapter, base, tmp_path / "plain", direct=False, progress=False)
+    real_pwrite, refused = os.pwrite, []
+
+    def pwrite(fd: int, data: Any, offset: int) -> int:
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            refused.append(fd)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    stats = MergeStats()
+    out = merge_streaming(adapter, base, tmp_path / "out", progress=False, stats=stats)
+    assert refused and not stats.direct and "buffered writes" in stats.summary()
     for f in _safetensors_files(base):
-        assert (out / f).read_bytes() == (ref / f).read_bytes(), f
+        assert (out / f).read_bytes() == (ref / f).read_bytes() == (plain / f).read_bytes(), f
+
+
+def test_auto_workers_fit_the_memory_budget() -> None:
+    fixed = (WRITERS + 1) * stream_merge.BLOCK_CAP
+    per = stream_merge.CHUNK_CAP + stream_merge.BLOCK_CAP
+    assert size_buffers(fixed + 3 * per, None, cpus=64) == Sizing(3, stream_merge.CHUNK_CAP, stream_merge.BLOCK_CAP)
+    auto = size_buffers(1 << 30, None, cpus=2)
+    assert auto is not None and auto.workers == 2  # one per CPU when memory allows
+    small = size_buffers(8 << 20, 2, cpus=2)  # an explicit count is kept; buffers shrink to fit
+    assert small is not None and small.workers == 2 and small.block % direct_io.ALIGN == 0
+    assert 2 * small.chunk + (2 + WRITERS + 1) * small.block <= 8 << 20
+    assert size_buffers(1 << 20, 2, cpus=2) is None
+
+
+def test_blocks_cover_every_byte_once() -> None:
+    """Pieces tile each block, blocks tile the file: header, then each tensor's bytes in order."""
+    entries = [("a", "BF16", (3, 5)), ("b", "F32", (7,)), ("c", "BF16", (4000,)), ("d", "F32", (0,))]
+    layout = plan_layout(entries, {"format": "pt"})
+    items = [merge_pipeline.Item(n, None, layout.tensors[n], dt, ()) for n, dt, _ in entries]  # type: ignore[arg-type]
+    out = merge_pipeline.OutFile(None, layout, 0)  # type: ignore[arg-type]
+    blocks = merge_pipeline.cut_blocks(out, items, direct_io.ALIGN)
+    assert [b.offset for b in blocks] == list(range(0, layout.size, direct_io.ALIGN))
+    assert sum(b.length for b in blocks) == layout.size and all(b.length <= direct_io.ALIGN for b in blocks)
+    covered = []
+    for b in blocks:
+        assert [p.dst for p in b.pieces] == list(itertools.accumulate([0, *[p.n for p in b.pieces][:-1]]))
+        assert sum(p.n for p in b.pieces) == b.length
+        covered += [(p.item.name if p.item else "header", p.rel, p.n) for p in b.pieces]
+    first = direct_io.ALIGN - layout.tensors["c"].start  # bytes of c in block 0
+    assert covered[0] == ("header", 0, len(layout.header))
+    assert [c[0] for c in covered] == ["header", "a", "b", "c", "c", "c"]  # c: 8000 bytes over three blocks
+    second = first + direct_io.ALIGN
+    assert covered[3:] == [("c", 0, first), ("c", first, direct_io.ALIGN), ("c", second, 8000 - second)]
+
+
+@pytest.mark.parametrize(
+    ("lo", "hi", "rows", "want"),
+    [(0, 10, 100, (0, 10)), (5, 6, 100, (5, 9)), (98, 100, 100, (96, 100)), (1, 2, 3, (0, 3)), (0, 1, 1, (0, 1))],
+)
+def test_widen_gives_chunks_of_at_least_four_rows(lo: int, hi: int, rows: int, want: tuple[int, int]) -> None:
+    assert merge_pipeline.widen(lo, hi, rows) == want
 
 
 def test_reshard_with_max_shard_size(complex_adapter: tuple[Path, Path], tmp_path: Path) -> None:
@@ -379,6 +432,7 @@ print("IMPORTED", hwm_kb(), flush=True)
 slow = float(os.environ.get("SLOW_S", "0"))
 if slow:
     stream_merge.CHUNK_CAP = 64 << 10
+    stream_merge.BLOCK_CAP = 64 << 10
 stream_merge.merge_streaming(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), max_memory=int(sys.argv[4]),
                              progress=(lambda d, t: time.sleep(slow)) if slow else False)
 print("PEAK", hwm_kb(), flush=True)
@@ -460,8 +514,8 @@ def test_writer_streams_mixed_dtypes_for_safe_open(tmp_path: Path) -> None:
     path = tmp_path / "x.safetensors"
     w = SafetensorsWriter(path, [(k, {torch.int64: "I64", torch.float32: "F32", torch.float16: "F16"}[v.dtype],
                                   v.shape) for k, v in t.items()], None)  # fmt: skip
-    for k in reversed(list(t)):  # positional writes in any order
-        w.write_at(k, 0, t[k].view(torch.uint8).numpy().tobytes())
+    for v in t.values():
+        w.write(v.view(torch.uint8).numpy().tobytes())
     w.close()
     with safe_open(path, "pt") as f:
         assert all(torch.equal(f.get_tensor(k), v) for k, v in t.items())
@@ -471,6 +525,25 @@ def test_writer_streams_mixed_dtypes_for_safe_open(tmp_path: Path) -> None:
     assert torch.equal(torch.frombuffer(bytearray(rows), dtype=torch.float32).view(3, 3), t["b"][2:5])
     with pytest.raises(SafetensorsError, match="of 96 tensor bytes written"):
         SafetensorsWriter(tmp_path / "short.safetensors", [("a", "F32", (24,))], None).close()
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_block_file_takes_blocks_in_any_order_and_checks_completeness(direct: bool, tmp_path: Path) -> None:
+    data = os.urandom(3 * direct_io.ALIGN + 100)
+    f = direct_io.BlockFile(tmp_path / "x", len(data), direct=direct)
+    for offset in (2 * direct_io.ALIGN, 0, 3 * direct_io.ALIGN, direct_io.ALIGN):  # the last block is padded
+        buf = direct_io.aligned_buffer(direct_io.ALIGN)
+        chunk = data[offset : offset + direct_io.ALIGN]
+        buf[: len(chunk)] = chunk
+        f.write(offset, buf, len(chunk))
+    f.close()
+    assert (tmp_path / "x").read_bytes() == data
+    short = direct_io.BlockFile(tmp_path / "y", len(data), direct=direct)
+    short.write(0, direct_io.aligned_buffer(direct_io.ALIGN), direct_io.ALIGN)
+    with pytest.raises(SafetensorsError, match=f"{direct_io.ALIGN} of {len(data)} bytes written"):
+        short.close()
+    with pytest.raises(ValueError, match="unaligned"):
+        direct_io.BlockFile(tmp_path / "z", 10_000, direct=direct).write(100, direct_io.aligned_buffer(10), 10)
 
 
 def _corrupt(path: Path, header: dict[str, Any] | bytes, data: bytes) -> Path:

@@ -2,8 +2,7 @@
 
 No mmap on purpose: Linux counts the mapped pages of a file in the process's RSS, so reading a 5 GB shard
 through `safe_open` shows up as gigabytes of resident memory. Here bytes go through `os.preadv` into a buffer the
-caller reuses, and untouched ranges are copied file-to-file in the kernel (`copy_file_range`), so memory stays
-flat whatever the model size. Standard library only: no torch, no safetensors package.
+caller reuses, so memory stays flat whatever the model size. Standard library only: no torch, no safetensors package.
 
 Format: 8-byte little-endian header length N, N bytes of JSON (`{"__metadata__": {str: str}, name: {"dtype",
 "shape", "data_offsets": [start, end]}, ...}`, space-padded to a multiple of 8), then the tensor bytes; offsets are
@@ -13,12 +12,10 @@ relative to the end of the header and must tile the data section exactly.
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import math
 import os
 import struct
-import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +29,6 @@ DTYPE_BITS: dict[str, int] = {
     "I16": 16, "U16": 16, "F16": 16, "BF16": 16, "I32": 32, "U32": 32, "F32": 32, "I64": 64, "U64": 64, "F64": 64,
 }  # fmt: skip
 MAX_HEADER_BYTES = 100_000_000  # the reference rejects larger headers too
-_COPY_STEP = 1 << 30  # bytes per copy_file_range / sendfile call (the kernel caps one call near 2 GiB anyway)
 WRITEBACK_EVERY = 32 << 20  # start writeback this often, so the final fsync has little left to wait for
 
 
@@ -90,54 +86,6 @@ def pwrite_all(fd: int, data: memoryview | bytes, offset: int) -> None:
     done = 0
     while done < len(view):
         done += os.pwrite(fd, view[done:], offset + done)
-
-
-_kernel_copy = {"copy_file_range": hasattr(os, "copy_file_range"), "sendfile": hasattr(os, "sendfile")}
-_NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF, errno.ETXTBSY}
-
-
-def copy_range(src_fd: int, src_off: int, dst_path: Path, dst_fd: int, dst_off: int, n: int, buf: memoryview) -> None:
-    """Copy n bytes between files without turning them into Python objects.
-
-    copy_file_range first (in-kernel, reflinks where the filesystem can), then sendfile on a private fd (it writes
-    at the file position, which workers sharing `dst_fd` must not race on), then pread/pwrite through `buf`. A
-    mechanism that fails with "not supported here" is not tried again by this process.
-    """
-    end = src_off + n
-    if _kernel_copy["copy_file_range"]:
-        try:
-            while src_off < end:
-                got = os.copy_file_range(src_fd, dst_fd, min(_COPY_STEP, end - src_off), src_off, dst_off)
-                if got == 0:
-                    raise SafetensorsError(f"source ended {end - src_off} bytes early while copying to {dst_path}")
-                src_off, dst_off = src_off + got, dst_off + got
-            return
-        except OSError as e:
-            if e.errno not in _NO_KERNEL_COPY:
-                raise
-            _kernel_copy["copy_file_range"] = False
-    if _kernel_copy["sendfile"] and src_off < end:
-        try:
-            own = os.open(dst_path, os.O_WRONLY)
-            try:
-                os.lseek(own, dst_off, os.SEEK_SET)
-                while src_off < end:
-                    got = os.sendfile(own, src_fd, src_off, min(_COPY_STEP, end - src_off))
-                    if got == 0:
-                        raise SafetensorsError(f"source ended {end - src_off} bytes early while copying to {dst_path}")
-                    src_off, dst_off = src_off + got, dst_off + got
-            finally:
-                os.close(own)
-            return
-        except OSError as e:
-            if e.errno not in _NO_KERNEL_COPY:
-                raise
-            _kernel_copy["sendfile"] = False
-    while src_off < end:
-        step = min(len(buf), end - src_off)
-        pread_into(src_fd, buf[:step], src_off, f"source of {dst_path}")
-        pwrite_all(dst_fd, buf[:step], dst_off)
-        src_off, dst_off = src_off + step, dst_off + step
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -299,36 +247,49 @@ def build_header(entries: Iterable[tuple[str, str, Sequence[int]]], metadata: di
     return struct.pack("<Q", len(raw)) + raw
 
 
-class SafetensorsWriter:
-    """A safetensors file whose full layout is fixed up front, so its bytes can arrive streamed or in parallel.
+@dataclass(frozen=True)
+class Layout:
+    """Every byte of a safetensors file decided before any is written: the header and where each tensor goes."""
 
-    `write` appends sequentially; `write_at`/`copy_at` place bytes at a tensor-relative offset, which is what lets
-    several workers fill one file. `close` checks every byte was written, fsyncs, and only then reports success.
+    header: bytes
+    tensors: dict[str, TensorInfo]
+    size: int
+
+
+def plan_layout(entries: Sequence[tuple[str, str, Sequence[int]]], metadata: dict[str, str] | None) -> Layout:
+    """The header plus absolute tensor offsets for `entries` stored back to back in order."""
+    header = build_header(entries, metadata)
+    tensors: dict[str, TensorInfo] = {}
+    cursor = len(header)
+    for name, dtype, shape in entries:
+        size = tensor_nbytes(dtype, shape)
+        tensors[name] = TensorInfo(name, dtype, tuple(shape), cursor, size)
+        cursor += size
+    return Layout(header, tensors, cursor)
+
+
+class SafetensorsWriter:
+    """A safetensors file whose layout is fixed up front, its tensor bytes appended in order as they are produced.
+
+    `close` checks every byte was written, fsyncs, and only then reports success.
     """
 
     def __init__(
         self, path: Path | str, entries: Sequence[tuple[str, str, Sequence[int]]], metadata: dict[str, str] | None
     ) -> None:
         self.path = Path(path)
-        header = build_header(entries, metadata)
-        self.tensors: dict[str, TensorInfo] = {}
-        cursor = len(header)
-        for name, dtype, shape in entries:
-            size = tensor_nbytes(dtype, shape)
-            self.tensors[name] = TensorInfo(name, dtype, tuple(shape), cursor, size)
-            cursor += size
-        self.size = cursor
-        self._data_bytes = cursor - len(header)
-        self._written = self._unflushed = 0
-        self._pos = len(header)
-        self._lock = threading.Lock()
+        layout = plan_layout(entries, metadata)
+        self.tensors, self.size = layout.tensors, layout.size
+        self._data_bytes = layout.size - len(layout.header)
+        self._written = 0
+        self._pos = self._flushed = len(layout.header)
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o644)
         try:
             if hasattr(os, "posix_fallocate") and self.size:
                 with contextlib.suppress(OSError):  # not every filesystem can; ENOSPC then shows at write time
                     os.posix_fallocate(self._fd, 0, self.size)
             os.ftruncate(self._fd, self.size)
-            pwrite_all(self._fd, header, 0)
+            pwrite_all(self._fd, layout.header, 0)
         except BaseException:
             os.close(self._fd)
             raise
@@ -336,57 +297,49 @@ class SafetensorsWriter:
     def fileno(self) -> int:
         return self._fd
 
-    def _target(self, name: str, start: int, nbytes: int) -> int:
-        info = self.tensors[name]
-        if start < 0 or start + nbytes > info.nbytes:
-            raise ValueError(f"{self.path}: byte range [{start}, {start + nbytes}) outside tensor {name!r}")
-        return info.start + start
-
-    def _count(self, nbytes: int) -> None:
-        with self._lock:
-            self._written += nbytes
-            self._unflushed += nbytes
-            flush, self._unflushed = self._unflushed >= WRITEBACK_EVERY, self._unflushed % WRITEBACK_EVERY
-        if flush and hasattr(os, "posix_fadvise"):
-            # DONTNEED starts asynchronous writeback of the dirty pages (and drops the clean ones): the disk writes
-            # while we compute, instead of all at once in close()'s fsync, and the output does not crowd the cache.
-            with contextlib.suppress(OSError):
-                os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_DONTNEED)
-
     def write(self, data: memoryview | bytes) -> None:
-        """Append the next bytes in layout order (single writer)."""
+        """Append the next bytes in layout order."""
         view = memoryview(data).cast("B")
         if self._pos + len(view) > self.size:
             raise ValueError(f"{self.path}: write past the {self.size} bytes the header declares")
         pwrite_all(self._fd, view, self._pos)
         self._pos += len(view)
-        self._count(len(view))
-
-    def write_at(self, name: str, start: int, data: memoryview | bytes) -> None:
-        """Write bytes at offset `start` inside tensor `name` (safe from several threads for disjoint ranges)."""
-        view = memoryview(data).cast("B")
-        pwrite_all(self._fd, view, self._target(name, start, len(view)))
-        self._count(len(view))
-
-    def copy_at(self, name: str, start: int, src_fd: int, src_off: int, nbytes: int, buf: memoryview) -> None:
-        """Copy `nbytes` from another file into tensor `name` at `start`, in the kernel when possible."""
-        copy_range(src_fd, src_off, self.path, self._fd, self._target(name, start, nbytes), nbytes, buf)
-        self._count(nbytes)
+        self._written += len(view)
+        if self._pos - self._flushed >= WRITEBACK_EVERY:
+            # DONTNEED on the range just written starts its writeback now (the disk writes while we compute,
+            # instead of all at once in close()'s fsync) and keeps the output from crowding the page cache. Only
+            # that range: the whole file would cost a walk over all its pages each time.
+            start_writeback(self._fd, self._flushed, self._pos - self._flushed)
+            self._flushed = self._pos
 
     def close(self) -> None:
         """fsync and close; raises if fewer bytes arrived than the header promised (the file is then incomplete)."""
-        if self._fd < 0:
-            return
-        fd, self._fd = self._fd, -1
-        try:
-            if self._written != self._data_bytes:
-                raise SafetensorsError(f"{self.path}: {self._written} of {self._data_bytes} tensor bytes written")
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        if self._fd >= 0:
+            fd, self._fd = self._fd, -1
+            finish(fd, self.path, self._written, self._data_bytes, "tensor bytes")
 
     def abort(self) -> None:
         """Close without the completeness check (the caller is discarding the file)."""
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+
+def finish(fd: int, path: Path, written: int, expected: int, what: str, *, size: int | None = None) -> None:
+    """Close `fd` durably: check all `expected` bytes arrived (else the file is incomplete and this raises), cut it
+    to `size` if given, fsync; the fd is closed either way."""
+    try:
+        if written != expected:
+            raise SafetensorsError(f"{path}: {written} of {expected} {what} written")
+        if size is not None:
+            os.ftruncate(fd, size)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def start_writeback(fd: int, offset: int, length: int) -> None:
+    """Ask the kernel to write a just-written range back now and drop it from the cache once clean (a hint)."""
+    if hasattr(os, "posix_fadvise"):
+        with contextlib.suppress(OSError):
+            os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)

@@ -33,6 +33,14 @@ _ADAPTER_PART = re.compile(
 
 def concat_shards(shards: list[torch.Tensor], dim: int) -> torch.Tensor:
     """Column parallel (dim 0), row parallel (dim 1), vocab-parallel embedding (dim 0)."""
+    if shards and all(s.is_meta for s in shards):  # planning: torch.cat's meta kernel imports torch._dynamo (1.3 s)
+        shape = list(shards[0].shape)
+        if any(s.dim() != len(shape) or s.dtype != shards[0].dtype for s in shards):
+            raise RuntimeError("concat_shards: shards differ in rank or dtype")
+        if any(list(s.shape[:dim]) + list(s.shape[dim + 1 :]) != shape[:dim] + shape[dim + 1 :] for s in shards):
+            raise RuntimeError(f"concat_shards: shard shapes {[list(s.shape) for s in shards]} differ off dim {dim}")
+        shape[dim] = sum(s.shape[dim] for s in shards)
+        return torch.empty(shape, dtype=shards[0].dtype, device="meta")
     return torch.cat(shards, dim=dim)
 
 
@@ -40,7 +48,7 @@ def unfuse_shards(shards: list[torch.Tensor], sizes: tuple[int, ...], fuse_axis:
     """Each rank holds its slice of every fused linear back to back along `fuse_axis` ([gate_r; up_r]); split each
     rank by `sizes` (per-rank sizes) and concatenate part i of every rank along the partition `dim`."""
     parts = [torch.split(s, list(sizes), dim=fuse_axis) for s in shards]
-    return [torch.cat([p[i] for p in parts], dim=dim) for i in range(len(sizes))]
+    return [concat_shards([p[i] for p in parts], dim) for i in range(len(sizes))]
 
 
 def gqa_query_head_order(tp: int, heads: int, kv_heads: int, kv_multiplier: int) -> list[int]:
@@ -143,9 +151,9 @@ def apply_step(step: Step, shards: list[torch.Tensor]) -> Combined:
         copies = split_kv_copies(concat_shards(shards, 0), g.kv_multiplier)
         return Combined([copies[0]], [(f"{step.key} (kv copies)", copies, (0,))])
     parts = [split_qkv(s, g.q_rows, g.kv_rows) for s in shards]
-    q = restore_head_order(torch.cat([p[0] for p in parts]), g.order(), g.heads, 0)
-    k = split_kv_copies(torch.cat([p[1] for p in parts]), g.kv_multiplier)
-    v = split_kv_copies(torch.cat([p[2] for p in parts]), g.kv_multiplier)
+    q = restore_head_order(concat_shards([p[0] for p in parts], 0), g.order(), g.heads, 0)
+    k = split_kv_copies(concat_shards([p[1] for p in parts], 0), g.kv_multiplier)
+    v = split_kv_copies(concat_shards([p[2] for p in parts], 0), g.kv_multiplier)
     return Combined([q, k[0], v[0]], [(f"{step.key} (k copies)", k, (1,)), (f"{step.key} (v copies)", v, (2,))])
 
 

@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from hyperjob.cli.common import EXIT_RUN_FAILED, CliError
+
+if TYPE_CHECKING:
+    from hyperjob.checkpoint.stream_support import Prefetch
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -52,21 +56,48 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 def _add_merge_options(p: argparse.ArgumentParser, force_help: str) -> None:
     p.add_argument("--force", action="store_true", help=force_help)
     p.add_argument("--max-memory", default="1GB", metavar="SIZE", help="memory budget for merging (default 1GB)")
-    p.add_argument("--workers", type=int, default=1, metavar="N", help="tensors merged in parallel (default 1)")
+    p.add_argument("--workers", default="auto", metavar="N",
+                   help="threads reading and merging (default auto: one per CPU, within --max-memory)")  # fmt: skip
     p.add_argument("--max-shard-size", default=None, metavar="SIZE", help="reshard the output (default: as the base)")
 
 
 def _sizes(args: argparse.Namespace) -> tuple[int, int | None]:
     from hyperjob.checkpoint.common import parse_size
+    from hyperjob.checkpoint.merge import parse_workers
 
     try:
         memory = parse_size(args.max_memory)
         shard = parse_size(args.max_shard_size) if args.max_shard_size else None
     except ValueError as e:
         raise CliError(str(e)) from None
-    if args.workers < 1:
-        raise CliError(f"--workers {args.workers}: must be at least 1")
+    try:
+        parse_workers(args.workers)
+    except ValueError:
+        raise CliError(f"--workers {args.workers}: use a positive number or auto") from None
     return memory, shard
+
+
+def _merge(args: argparse.Namespace, adapter: Path, output: Path, memory: int, shard: int | None) -> None:
+    """The merge both verbs end with, reported with where its time went (disk reads, compute or write-back)."""
+    from hyperjob.checkpoint.errors import MergeError
+    from hyperjob.checkpoint.merge import merge_adapter
+    from hyperjob.checkpoint.merge_pipeline import MergeStats
+
+    stats = MergeStats()
+    try:
+        out = merge_adapter(adapter, args.base_model, output, max_shard_size=shard, max_memory=memory,
+                            workers=args.workers, stats=stats)  # fmt: skip
+    except (MergeError, FileNotFoundError) as e:
+        raise CliError(str(e), EXIT_RUN_FAILED) from None
+    print(f"merged model: {out}")
+    print(f"merge: {stats.summary()}")
+
+
+def _prefetch(base_model: Path) -> Prefetch:
+    """Start reading the base into the page cache before torch is imported (stdlib only); see Prefetch."""
+    from hyperjob.checkpoint.stream_support import Prefetch
+
+    return Prefetch.of_model(base_model)
 
 
 def refuse_existing(path: Path, option: str, *, force: bool) -> None:
@@ -83,16 +114,11 @@ def refuse_existing(path: Path, option: str, *, force: bool) -> None:
 def cmd_merge(args: argparse.Namespace) -> int:
     memory, shard = _sizes(args)
     refuse_existing(args.output, "--output", force=args.force)
-    from hyperjob.checkpoint.errors import MergeError
-    from hyperjob.checkpoint.merge import merge_adapter
-
+    prefetch = _prefetch(args.base_model)
     try:
-        out = merge_adapter(
-            args.adapter, args.base_model, args.output, max_shard_size=shard, max_memory=memory, workers=args.workers
-        )
-    except (MergeError, FileNotFoundError) as e:
-        raise CliError(str(e), EXIT_RUN_FAILED) from None
-    print(f"merged model: {out}")
+        _merge(args, args.adapter, args.output, memory, shard)
+    finally:
+        prefetch.stop()
     return 0
 
 
@@ -103,9 +129,18 @@ def cmd_consolidate(args: argparse.Namespace) -> int:
     refuse_existing(args.output, "--output", force=args.force)
     if args.merged_output is not None:
         refuse_existing(args.merged_output, "--merged-output", force=args.force)
+    prefetch = _prefetch(args.base_model) if args.base_model is not None else None  # overlaps consolidation
+    try:
+        _consolidate(args, memory, shard)
+    finally:
+        if prefetch is not None:
+            prefetch.stop()
+    return 0
+
+
+def _consolidate(args: argparse.Namespace, memory: int, shard: int | None) -> None:
     from hyperjob.checkpoint.consolidate import consolidate_any
-    from hyperjob.checkpoint.errors import CheckpointError, MergeError
-    from hyperjob.checkpoint.merge import merge_adapter
+    from hyperjob.checkpoint.errors import CheckpointError
 
     try:
         result = consolidate_any(args.checkpoint, args.output, adapter_name=args.adapter_name,
@@ -118,10 +153,4 @@ def cmd_consolidate(args: argparse.Namespace) -> int:
     for note in result.notes:
         print(f"note: {note}")
     if args.base_model is not None and result.kind == "lora":
-        try:
-            out = merge_adapter(result.output_dir, args.base_model, args.merged_output, max_shard_size=shard,
-                                max_memory=memory, workers=args.workers)  # fmt: skip
-        except (MergeError, FileNotFoundError) as e:
-            raise CliError(str(e), EXIT_RUN_FAILED) from None
-        print(f"merged model: {out}")
-    return 0
+        _merge(args, result.output_dir, args.merged_output, memory, shard)

@@ -216,7 +216,9 @@ class MergeSection(_Model):
 
     max_shard_size: str | None = Field(default=None, pattern=_SIZE, description="None: keep the base's shards")
     max_memory: str = Field(default="1GB", pattern=_SIZE)
-    workers: PositiveInt = 1
+    workers: PositiveInt | Literal["auto"] = Field(
+        default="auto", description="threads reading and merging blocks; auto: one per CPU core, within max_memory"
+    )
 
 
 class EnvironmentSection(_Model):

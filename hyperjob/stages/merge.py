@@ -12,6 +12,7 @@ from hyperjob.stages.common import StageError, require_model_dir, run_stage, set
 def _merge(paths: RunPaths, cfg: HyperjobConfig) -> int:
     from hyperjob.checkpoint.errors import MergeError
     from hyperjob.checkpoint.merge import merge_adapter
+    from hyperjob.checkpoint.merge_pipeline import MergeStats
 
     log = setup_logging("merge")
     base = base_model_dir(cfg)
@@ -24,13 +25,15 @@ def _merge(paths: RunPaths, cfg: HyperjobConfig) -> int:
     overrides = config_overrides(cfg, model_facts(cfg))
     if overrides:
         log.info("merged config.json gets the training overrides %s", overrides)
+    stats = MergeStats()
     try:
         out = merge_adapter(
             paths.adapter, base, paths.merged, max_shard_size=m.max_shard_size, max_memory=m.max_memory,
-            workers=m.workers, progress=True, config_overrides=overrides,
+            workers=m.workers, progress=True, config_overrides=overrides, stats=stats,
         )  # fmt: skip
     except MergeError as e:
         raise StageError(str(e)) from None
+    log.info("merged %s", stats.summary())
     files = sorted(p.name for p in out.glob("*.safetensors"))
     print(f"merged model: {out} ({len(files)} safetensors shard{'s' if len(files) != 1 else ''})", flush=True)
     return 0
