@@ -35,7 +35,7 @@ def write_config(tmp_path: Path, **changes: object) -> Path:
 @pytest.mark.parametrize(
     ("changes", "key", "fragment"),
     [
-        ({"backend": "tpu"}, "backend", "'tpu' is not a backend (allowed: cpu, cuda, neuron)"),
+        ({"backend": "tpu"}, "backend", "'tpu' is not a backend (allowed: cpu, cuda, neuron, torchneuron)"),
         ({"training__seq_len": 0}, "training.seq_len", "greater than 0"),
         ({"training__lr": 5}, "training.lr", "less than 1"),
         ({"training__micro_btach": 2}, "training.micro_btach", "unknown key; allowed keys here:"),

@@ -26,6 +26,7 @@ CASES = [
     ("tiny-cpu", "tiny-cpu", []),
     ("trainium", "trainium-llama3-8b", []),
     ("trainium-2node", "trainium-llama3-8b", ["cluster.nodes=2", "cluster.account=ml-team", "cluster.qos=high"]),
+    ("trn2", "trn2-llama3-8b", []),
     ("gpu", "gpu-llama3-8b", []),
     ("gpu-longctx", "gpu-llama3-8b-longctx", []),
     ("gpu-fsdp2", "gpu-llama3-8b-longctx", ["parallel.mode=fsdp2", "model.quantize=none"]),

@@ -118,7 +118,7 @@ def test_toy_backend_and_stage_render_and_run_locally(toy: Path) -> None:
 def test_toy_stage_is_refused_on_other_backends(toy: Path) -> None:
     with pytest.raises(ConfigError, match="stage 'greet' exists only for backend 'toy' \\(backend is 'cpu'\\)"):
         make_plan(load_config(toy, ["backend=cpu", "stages=[download, greet]"]))
-    with pytest.raises(ConfigError, match="'nope' is not a backend \\(allowed: cpu, cuda, neuron, toy\\)"):
+    with pytest.raises(ConfigError, match="'nope' is not a backend \\(allowed: cpu, cuda, neuron, torchneuron, toy\\)"):
         make_plan(load_config(toy, ["backend=nope"]))
 
 

@@ -81,6 +81,7 @@ class Rig:
 
     root: Path
     runs: int = 0  # script runs so far: numbers the stand-in logs
+    example: Path = EXAMPLE  # the config rendered (tests of other Trainium backends pass theirs)
 
     @property
     def bin(self) -> Path:
@@ -115,11 +116,11 @@ class Rig:
         return self
 
     def render(self, name: str, *overrides: str) -> Path:
-        """Render the Trainium example into runs/NAME (`--set` OVERRIDES), HF_TOKEN set as in a login shell."""
+        """Render the example into runs/NAME (`--set` OVERRIDES), HF_TOKEN set as in a login shell."""
         out = self.root / "runs" / name
         sets = [f"workdir={self.work}", f"environment.python={self.python}", *overrides]
         proc = subprocess.run(
-            [sys.executable, "-m", "hyperjob", "render", str(EXAMPLE), "--out", str(out)]
+            [sys.executable, "-m", "hyperjob", "render", str(self.example), "--out", str(out)]
             + [w for o in sets for w in ("--set", o)],
             capture_output=True, text=True, timeout=120, env={**os.environ, "HF_TOKEN": SECRET},
         )  # fmt: skip

@@ -1,4 +1,4 @@
-"""Backends by name: one module each (cpu, cuda, neuron), registered here.
+"""Backends by name: one module each (cpu, cuda, neuron, torchneuron), registered here.
 
 `get(name)` is how the rest of hyperjob learns what differs between backends; a new backend is a module with a
 `Backend` subclass and one entry in `_REGISTRY` (or `registered(...)` from an extension or a test).
@@ -6,14 +6,15 @@
 
 from __future__ import annotations
 
-from hyperjob.backends import cpu, cuda, neuron
+from hyperjob.backends import cpu, cuda, neuron, torchneuron
 from hyperjob.backends.base import Backend, Runtime
 from hyperjob.config.load import ConfigError
 from hyperjob.registry import Registry
 
 __all__ = ["Backend", "Runtime", "get", "names", "registered"]
 
-_REGISTRY: Registry[Backend] = Registry("backend", lambda b: b.name, (neuron.BACKEND, cuda.BACKEND, cpu.BACKEND))
+_BUILTIN = (neuron.BACKEND, torchneuron.BACKEND, cuda.BACKEND, cpu.BACKEND)
+_REGISTRY: Registry[Backend] = Registry("backend", lambda b: b.name, _BUILTIN)
 names = _REGISTRY.names
 registered = _REGISTRY.registered
 

@@ -12,11 +12,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from hyperjob.backends.catalogue import InstanceType
+from hyperjob.backends.envspec import EnvSpec
 from hyperjob.config.load import ConfigError
 from hyperjob.config.models import HyperjobConfig
 from hyperjob.model_facts import ModelFacts
 from hyperjob.paths import RunPaths
-from hyperjob.stage_table import StageSpec
+from hyperjob.stage_table import StageSpec, spec
 
 TRAIN_GROUP = "train"
 
@@ -55,7 +56,9 @@ class Runtime:
     weights straight onto this rank's device (N ranks x a full host copy can exhaust host memory).
     `trainer`: the module whose `train(paths, cfg, compile_only)` trains on this backend; None: the transformers
     Trainer of hyperjob.stages.train. `save_on_request`: the trainer saves a checkpoint and stops when asked
-    (Slurm's USR2 before the time limit), and resumes from it when the job is requeued.
+    (Slurm's USR2 before the time limit), and resumes from it when the job is requeued. `device_module`: the
+    package that registers an out-of-tree (PrivateUse1) device; hyperjob.stages.device imports it and binds each
+    rank to one device itself, since accelerate only does that for the devices it knows.
     """
 
     device: str = "cpu"
@@ -65,6 +68,7 @@ class Runtime:
     load_on_local_rank: bool = False
     trainer: str | None = None
     save_on_request: bool = True
+    device_module: str | None = None
 
 
 @dataclass(frozen=True)
@@ -92,6 +96,7 @@ class Backend:
     loss_kernels: frozenset[str] = frozenset({"standard", "chunked"})  # training.loss values it can run
     unsupported_options: tuple[str, ...] = ()  # config keys its trainer ignores: refused when set, never dropped
     runtime: Runtime = Runtime()
+    environment: EnvSpec | None = None  # the pinned venv `hyperjob env` builds for its training stages, if any
 
     def processes_per_node(self, cfg: HyperjobConfig, inst: InstanceType) -> int:
         """One training process per device; a config may use fewer, never more."""
@@ -129,6 +134,10 @@ class Backend:
                 raise ConfigError([("parallel.mode", problem) for problem in problems])
         return None
 
+    def instance_problem(self, inst: InstanceType) -> str | None:
+        """Why this backend cannot run on an instance type of its accelerator kind; None when it can."""
+        return None
+
     def entry(self, stage: StageSpec) -> tuple[str, tuple[str, ...]]:
         """The module a stage's script runs with `python -m`, and its extra arguments."""
         return stage.entry, stage.args
@@ -156,8 +165,22 @@ class Backend:
         return env.python
 
     def warnings(self, cfg: HyperjobConfig, stages: Sequence[str]) -> list[str]:
-        """What a user should hear before queueing these stages on this backend."""
-        return []
+        """What a user should hear before queueing these stages on this backend: by default, that the training
+        interpreter is not a current hyperjob-built venv of this backend's pinned set, when it has one."""
+        if self.environment is None or not {"compile", "train"} & set(stages):
+            return []
+        from hyperjob.backends.envspec import RECORD_NAME, read_record, venv_of
+
+        python = self.python(cfg, spec("train"))
+        venv = venv_of(python)
+        record = read_record(venv) if venv is not None else None
+        if record is not None and self.environment.record_is_current(record):
+            return []
+        return [
+            f"backend {self.name!r}: {venv or python} is not a Neuron environment built by this hyperjob (no "
+            f"current {RECORD_NAME}); build it first with `hyperjob env CONFIG`, or the training stages will "
+            "refuse the versions they find"
+        ]
 
     def train_arguments(
         self, cfg: HyperjobConfig, layout: Layout, paths: RunPaths, compile_only: bool
@@ -169,7 +192,7 @@ class Backend:
 
     def plan_rows(self, cfg: HyperjobConfig) -> list[tuple[str, str]]:
         """Backend-specific rows for `hyperjob plan` (an environment to build, versions it pins)."""
-        return []
+        return self.environment.plan_rows() if self.environment is not None else []
 
     def template_vars(self, cfg: HyperjobConfig, stage: StageSpec) -> Mapping[str, str | int]:
         """Backend-specific values a stage template may show (`s.extra`)."""

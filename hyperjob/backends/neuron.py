@@ -13,13 +13,13 @@ from typing import Any
 
 from hyperjob.backends.base import Backend, Layout, Runtime
 from hyperjob.backends.neuron_args import COMPILE_STEPS, neuron_arguments
-from hyperjob.backends.neuron_env import RECORD_NAME, plan_rows, read_record, record_is_current, venv_of
+from hyperjob.backends.neuron_env import XLA
 from hyperjob.backends.neuron_lora import neuron_targets
 from hyperjob.config.load import ConfigError
 from hyperjob.config.models import HyperjobConfig
 from hyperjob.model_facts import ModelFacts
 from hyperjob.paths import RunPaths, compile_cache_dir
-from hyperjob.stage_table import StageSpec, spec
+from hyperjob.stage_table import StageSpec
 
 COMPILE_STAGE = "compile"
 PARALLEL_COMPILE = "neuron_parallel_compile"
@@ -74,7 +74,9 @@ class NeuronBackend(Backend):
     loss_kernels = frozenset({"standard"})
     unsupported_options = (
         "model.rope_theta", "lora.modules_to_save", "training.mlp_chunk", "training.activation_offload",
+        "training.torch_compile",
     )  # fmt: skip
+    environment = XLA
     runtime = Runtime(
         device="xla",
         distributed="xla",
@@ -98,8 +100,8 @@ class NeuronBackend(Backend):
         return kv_mult
 
     def warnings(self, cfg: HyperjobConfig, stages: Sequence[str]) -> list[str]:
-        """Say before queueing when the training interpreter is not a hyperjob-built Neuron environment, and that
-        packing on Trainium concatenates samples (optimum-neuron's attention has no sequence-ID masking)."""
+        """Say before queueing that packing on Trainium concatenates samples (optimum-neuron's attention has no
+        sequence-ID masking), and when the training interpreter is not a hyperjob-built Neuron environment."""
         if not {COMPILE_STAGE, "train"} & set(stages):
             return []
         out = []
@@ -108,20 +110,7 @@ class NeuronBackend(Backend):
                 "backend 'neuron': training.packing concatenates samples into rows that attend across sample "
                 "boundaries (optimum-neuron's attention is plain causal); the cpu and cuda backends isolate them"
             )
-        venv = venv_of(self.python(cfg, spec("train")))
-        record = read_record(venv) if venv is not None else None
-        if record is not None and record_is_current(record):
-            return out
-        where = venv if venv is not None else self.python(cfg, spec("train"))
-        out.append(
-            f"backend 'neuron': {where} is not a Neuron environment built by this hyperjob (no current "
-            f"{RECORD_NAME}); build it first with `hyperjob env CONFIG`, or the compile and train stages will "
-            "refuse the versions they find"
-        )
-        return out
-
-    def plan_rows(self, cfg: HyperjobConfig) -> list[tuple[str, str]]:
-        return plan_rows()
+        return out + super().warnings(cfg, stages)
 
     def train_arguments(
         self, cfg: HyperjobConfig, layout: Layout, paths: RunPaths, compile_only: bool

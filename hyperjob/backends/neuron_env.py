@@ -1,46 +1,39 @@
-"""The pinned Neuron environment: the one coherent package set the Trainium training stack runs with.
+"""The pinned Neuron environments: the package sets the Trainium training stacks run with.
 
-optimum-neuron 0.4.5 is the last release of the PyTorch/XLA training path and pins one exact Neuron SDK 2.26 set;
-a venv that drifts from it fails deep inside a compile or a trainer, so hyperjob builds it from these pins
-(`hyperjob env`), records what it installed, and refuses a mismatch with one line. This is the only place that
-names the Neuron pip index and the versions. Stdlib only: `hyperjob plan` and the CLI import it.
+Two products share the package name torch-neuronx and must never be mixed in one venv:
+
+- `XLA` (backend `neuron`): optimum-neuron 0.4.5 is the last release of the PyTorch/XLA training path and pins one
+  exact Neuron SDK 2.26 set. The only training path for trn1/trn1n.
+- `TORCHNEURON` (backend `torchneuron`): TorchNeuron, the native PyTorch backend of Neuron 2.33 (public beta,
+  trn2/trn3 only, Python 3.12-3.14): torch 2.13 with the matching torch-neuronx 2.13.3 family, and the Hugging
+  Face versions hyperjob's own train entry is tested with.
+
+This is the only place that names the Neuron pip index and the versions. Stdlib only: `hyperjob plan` and the CLI
+import it. The module-level functions are the XLA set's, which the neuron backend's entry and tests use.
 """
 
 from __future__ import annotations
 
-import importlib.metadata
-import json
-import re
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
-from datetime import datetime, timezone
-from pathlib import Path
-from typing import Any
+from hyperjob.backends.envspec import (
+    CORE_DEPS,
+    RECORD_NAME,
+    EnvSpec,
+    Pin,
+    read_record,
+    venv_of,
+    version_matches,
+)
 
-from hyperjob import __version__
+__all__ = [
+    "CORE_DEPS", "NEURON_INDEX_URL", "NEURON_SDK", "OPTIMUM_NEURON", "PINS", "PYTHON_VERSIONS", "RECORD_NAME",
+    "TORCHNEURON", "XLA", "EnvSpec", "Pin", "installed_versions", "make_record", "mismatch", "plan_rows",
+    "read_record", "record_is_current", "requirements", "venv_of", "version_matches",
+]  # fmt: skip
 
 NEURON_SDK = "2.26"
 NEURON_INDEX_URL = "https://pip.repos.neuron.amazonaws.com"
 PYTHON_VERSIONS = ("3.10", "3.11")  # optimum-neuron 0.4.5: Python >=3.10,<3.12
 OPTIMUM_NEURON = "0.4.5"
-RECORD_NAME = "hyperjob-env.json"
-# hyperjob's own core dependencies (pyproject's `dependencies`), installed beside its --no-deps source install.
-CORE_DEPS = ("pydantic>=2.6", "jinja2>=3.1", "pyyaml>=6.0", "rich>=13.0")
-
-
-@dataclass(frozen=True)
-class Pin:
-    """One pinned distribution: `dist` is the metadata name checked after install, `extras` only go to pip."""
-
-    dist: str
-    spec: str
-    extras: tuple[str, ...] = ()
-
-    @property
-    def requirement(self) -> str:
-        extras = f"[{','.join(self.extras)}]" if self.extras else ""
-        return f"{self.dist}{extras}{self.spec}"
-
 
 PINS: tuple[Pin, ...] = (
     Pin("optimum-neuron", f"=={OPTIMUM_NEURON}", ("training",)),
@@ -55,172 +48,44 @@ PINS: tuple[Pin, ...] = (
     Pin("optimum", "~=2.0.0"),
 )
 
-
-def requirements() -> list[str]:
-    """The pip requirement strings of the pinned set, in install order."""
-    return [pin.requirement for pin in PINS]
-
-
-# --- PEP 440, the subset the pins use: ==X, ==X.*, ~=X.Y[.Z] ------------------------------------------------------
-
-_VERSION = re.compile(
-    r"^v?(?P<release>\d+(?:\.\d+)*)"
-    r"(?:[-_.]?(?P<pre>a|b|rc|c|alpha|beta|pre|preview)[-_.]?(?P<pre_n>\d*))?"
-    r"(?:-(?P<post_implicit>\d+)|[-_.]?(?:post|rev|r)[-_.]?(?P<post>\d*))?"
-    r"(?:[-_.]?dev[-_.]?(?P<dev>\d*))?"
-    r"(?:\+(?P<local>[a-z0-9]+(?:[-_.][a-z0-9]+)*))?$",
-    re.IGNORECASE,
+XLA = EnvSpec(
+    label=f"optimum-neuron {OPTIMUM_NEURON}'s Neuron {NEURON_SDK} set",
+    sdk=NEURON_SDK,
+    index_url=NEURON_INDEX_URL,
+    python_versions=PYTHON_VERSIONS,
+    pins=PINS,
+    shown=("optimum-neuron", "torch-neuronx", "neuronx-cc", "transformers"),
+    base_python="python3.11",
 )
-_PRE_RANK = {"a": 0, "alpha": 0, "b": 1, "beta": 1, "rc": 2, "c": 2, "pre": 2, "preview": 2}
-_INF = float("inf")
 
-_Key = tuple[tuple[int, ...], tuple[float, float], float, float]
+TORCHNEURON_SDK = "2.33"
+TORCHNEURON = EnvSpec(
+    label=f"TorchNeuron's Neuron {TORCHNEURON_SDK} set",
+    sdk=TORCHNEURON_SDK,
+    index_url=NEURON_INDEX_URL,
+    python_versions=("3.12", "3.13", "3.14"),
+    pins=(
+        Pin("torch", "==2.13.0"),
+        Pin("torch-neuronx", "==2.13.3.0.*"),  # the TorchNeuron family for torch 2.13 (2.14.3.0.* goes with 2.14)
+        Pin("neuronx-cc", "==2.28.7631.0"),
+        Pin("nki", "==0.7.0"),
+        # what hyperjob's train entry is tested with (accelerate >= 1.13 knows MULTI_NEURON)
+        Pin("transformers", "~=5.24.0"),
+        Pin("peft", "~=0.21.2"),
+        Pin("accelerate", "~=1.15.0"),
+        Pin("datasets", "~=5.2.0"),
+        Pin("safetensors", "~=0.8.0"),
+        Pin("huggingface-hub", "~=2.4.0"),
+        Pin("tokenizers", "~=0.23.3"),
+    ),
+    shown=("torch", "torch-neuronx", "neuronx-cc", "transformers"),
+    base_python="python3.12",
+    extra_index_urls=("https://download.pytorch.org/whl/cpu",),
+)
 
-
-def _parse(version: str) -> tuple[_Key, str] | None:
-    """(sort key of the public version, local label), None when `version` is not PEP 440."""
-    m = _VERSION.match(version.strip())
-    if m is None:
-        return None
-    release = tuple(int(p) for p in m["release"].split("."))
-    while len(release) > 1 and release[-1] == 0:
-        release = release[:-1]
-    post_text = m["post_implicit"] if m["post_implicit"] is not None else m["post"]
-    post = -_INF if post_text is None else float(post_text or 0)
-    dev = _INF if m["dev"] is None else float(m["dev"] or 0)
-    if m["pre"] is not None:
-        pre: tuple[float, float] = (_PRE_RANK[m["pre"].lower()], float(m["pre_n"] or 0))
-    elif m["dev"] is not None and post_text is None:
-        pre = (-_INF, 0.0)  # 1.0.dev1 sorts before 1.0a1
-    else:
-        pre = (_INF, 0.0)
-    return (release, pre, post, dev), (m["local"] or "").lower()
-
-
-def _release(version: str) -> tuple[int, ...] | None:
-    m = _VERSION.match(version.strip())
-    return None if m is None else tuple(int(p) for p in m["release"].split("."))
-
-
-def _prefix_match(found: str, prefix: str) -> bool:
-    """`==prefix.*`: the release starts with prefix (zero-padded); pre-release, post and local parts are ignored."""
-    have, want = _release(found), _release(prefix)
-    if have is None or want is None:
-        return False
-    padded = have + (0,) * max(0, len(want) - len(have))
-    return padded[: len(want)] == want
-
-
-def version_matches(found: str, spec: str) -> bool:
-    """Whether version `found` satisfies `spec` (==X, ==X.*, ~=X.Y[.Z]); an unparsable `found` never does.
-
-    As PEP 440 says, a spec without a local label ignores the candidate's (`2.8.0+cpu` is `==2.8.0`).
-    """
-    spec = spec.strip()
-    if spec.startswith("~="):
-        base = spec[2:].strip()
-        parts = base.split(".")
-        have, want = _parse(found), _parse(base)
-        if len(parts) < 2 or want is None or want[1]:
-            raise ValueError(f"spec {spec!r}: ~= needs a public version of at least two parts, e.g. ~=4.57.1")
-        return have is not None and have[0] >= want[0] and _prefix_match(found, ".".join(parts[:-1]))
-    if spec.startswith("==") and not spec.startswith("==="):
-        target = spec[2:].strip()
-        if target.endswith(".*"):
-            return _prefix_match(found, target[:-2])
-        have, want = _parse(found), _parse(target)
-        if want is None:
-            raise ValueError(f"spec {spec!r}: {target!r} is not a PEP 440 version")
-        if have is None:
-            return False
-        return have[0] == want[0] and (not want[1] or have[1] == want[1])
-    raise ValueError(f"spec {spec!r} is not supported (allowed: ==X, ==X.*, ~=X.Y[.Z])")
-
-
-# --- what is installed, and whether it is the pinned set ----------------------------------------------------------
-
-
-def installed_versions(dists: Iterable[str] | None = None) -> dict[str, str | None]:
-    """Each distribution's installed version in this interpreter (default: the pinned ones), None when absent."""
-    found: dict[str, str | None] = {}
-    for dist in [pin.dist for pin in PINS] if dists is None else dists:
-        try:
-            found[dist] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            found[dist] = None
-    return found
-
-
-def _offending(installed: Mapping[str, str | None]) -> list[tuple[Pin, str | None]]:
-    wrong = []
-    for pin in PINS:
-        version = installed.get(pin.dist)
-        if version is None or not version_matches(version, pin.spec):
-            wrong.append((pin, version))
-    return wrong
-
-
-def mismatch(installed: Mapping[str, str | None]) -> str | None:
-    """None when every pin is satisfied, else one line: the first offender, found and expected, and the fix."""
-    wrong = _offending(installed)
-    if not wrong:
-        return None
-    pin, version = wrong[0]
-    found = f"{version} is installed" if version is not None else "is not installed"
-    more = f" (and {len(wrong) - 1} more mismatch{'es' if len(wrong) > 2 else ''})" if len(wrong) > 1 else ""
-    return (
-        f"{pin.dist} {found}, optimum-neuron {OPTIMUM_NEURON}'s Neuron {NEURON_SDK} set needs {pin.spec}{more}; "
-        "rebuild the environment with: hyperjob env CONFIG --rebuild"
-    )
-
-
-# --- the record a finished build leaves in the venv ---------------------------------------------------------------
-
-
-def make_record(python: str, installed: Mapping[str, str | None]) -> dict[str, Any]:
-    """What `hyperjob env` writes into the venv root, last: its presence means the build completed."""
-    return {
-        "hyperjob": __version__,
-        "neuron_sdk": NEURON_SDK,
-        "index_url": NEURON_INDEX_URL,
-        "python": python,
-        "pins": requirements(),
-        "installed": dict(installed),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
-
-
-def read_record(venv: Path) -> dict[str, Any] | None:
-    """The venv's record; None when absent or unreadable (an unfinished build, or a venv made by hand)."""
-    try:
-        data = json.loads((venv / RECORD_NAME).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def record_is_current(record: Mapping[str, Any]) -> bool:
-    """Built by this hyperjob version with these pins (a new release may move a pin or change hyperjob's code)."""
-    return record.get("hyperjob") == __version__ and record.get("pins") == requirements()
-
-
-_INTERPRETER = re.compile(r"python(3(\.\d+)?)?")
-
-
-def venv_of(interpreter: str) -> Path | None:
-    """The venv root of an absolute `<venv>/bin/python[3[.N]]` path; None otherwise (a bare `python3`)."""
-    path = Path(interpreter)
-    if not path.is_absolute() or path.parent.name != "bin" or not _INTERPRETER.fullmatch(path.name):
-        return None
-    venv = path.parent.parent
-    return None if venv == Path(venv.anchor) else venv
-
-
-def plan_rows() -> list[tuple[str, str]]:
-    """Rows for `hyperjob plan` on the neuron backend: which stack the compile and train stages expect."""
-    shown = ("optimum-neuron", "torch-neuronx", "neuronx-cc", "transformers")
-    versions = ", ".join(f"{p.dist} {p.spec.lstrip('=~')}" for p in PINS if p.dist in shown)
-    return [
-        ("Neuron environment", f"SDK {NEURON_SDK}: {versions} (hyperjob env CONFIG builds it)"),
-        ("Neuron pip index", NEURON_INDEX_URL),
-    ]
+requirements = XLA.requirements
+installed_versions = XLA.installed_versions
+mismatch = XLA.mismatch
+make_record = XLA.make_record
+record_is_current = XLA.record_is_current
+plan_rows = XLA.plan_rows

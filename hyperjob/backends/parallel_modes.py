@@ -166,6 +166,9 @@ def mode_environment(mode: str, *, activation_offload: bool) -> dict[str, str]:
     return env
 
 
+FSDP_DEVICES = ("cuda", "neuron")  # accelerate turns ACCELERATE_USE_FSDP into FSDP on MULTI_GPU and MULTI_NEURON
+
+
 def mode_problems(mode: str, backend_device: str, world_size: int, quantize: str) -> list[str]:
     """Why `mode` cannot (or should not) run here; empty when it can. Each message says what to change."""
     if mode not in PARALLEL_MODES:
@@ -173,12 +176,15 @@ def mode_problems(mode: str, backend_device: str, world_size: int, quantize: str
     if mode == "ddp":
         return []
     problems: list[str] = []
-    if backend_device != "cuda":
+    devices = ("cuda",) if is_deepspeed(mode) else FSDP_DEVICES
+    if backend_device not in devices:
         if is_deepspeed(mode):
             why = "DeepSpeed ZeRO runs on CUDA GPUs only (transformers turns it off on CPU)"
         else:
-            why = "accelerate applies FSDP only on GPUs: on CPU the Trainer would silently train plain DDP over gloo"
-        problems.append(f"parallel.mode {mode!r} needs backend device cuda, not {backend_device!r}: {why}")
+            why = "accelerate applies FSDP only on GPUs and Neuron: on CPU the Trainer would silently train DDP"
+        problems.append(
+            f"parallel.mode {mode!r} needs backend device {' or '.join(devices)}, not {backend_device!r}: {why}"
+        )
     if world_size < 2:
         problems.append(
             f"parallel.mode {mode!r} shards over the training processes, and this run has {world_size}: nothing "

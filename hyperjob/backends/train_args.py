@@ -100,8 +100,10 @@ def hf_arguments(cfg: HyperjobConfig, layout: Layout, paths: RunPaths, runtime: 
         trainer[f"{gc_name}_kwargs"] = {"use_reentrant": cfg.training.activation_offload}
     if runtime.device == "cpu":
         trainer["use_cpu"] = True
-    if layout.world_size > 1:  # the backend's choice, not accelerate's guess from the device
-        trainer["ddp_backend"] = runtime.distributed
+    if layout.world_size > 1 and runtime.device_module is None:  # the backend's choice, not accelerate's guess
+        trainer["ddp_backend"] = runtime.distributed  # (an out-of-tree device's group is started by stages.device)
+    if cfg.training.torch_compile:  # transformers picks the device's compiler: neuron on TorchNeuron, else inductor
+        trainer["torch_compile"] = True
     trainer |= mode_arguments(cfg, use_bf16, paths)
     dtype = "bfloat16" if use_bf16 else "float32"
     # transformers 4.56+ takes `dtype` and warns on `torch_dtype`.

@@ -61,6 +61,11 @@ class Item:
         src, dst, cdt = torch_dtypes()[self.info.dtype], torch_dtypes()[self.dtype], self.compute_dtype()
         return elems * max(src.itemsize, dst.itemsize), 0 if src == dst == cdt else elems * cdt.itemsize
 
+    def source_range(self, rel: int, n: int) -> tuple[int, int]:
+        """(file offset, bytes) in `src` behind output bytes [rel, rel + n): scaled when the dtype changes."""
+        src, dst = torch_dtypes()[self.info.dtype].itemsize, torch_dtypes()[self.dtype].itemsize
+        return self.info.start + rel * src // dst, n * src // dst
+
     def rows_per_chunk(self, chunk_bytes: int) -> int:
         return max(MIN_ROWS, chunk_bytes // max(1, sum(self.sizes(1))))
 
@@ -96,17 +101,7 @@ class Block:
 
     def sources(self) -> list[tuple[SafetensorsReader, int, int]]:
         """(file, offset, bytes) the block reads, in order, for the readahead."""
-        out = []
-        for p in self.pieces:
-            if p.item is not None:
-                info, scale = p.item.info, info_scale(p.item)
-                out.append((p.item.src, info.start + p.rel * scale[0] // scale[1], p.n * scale[0] // scale[1]))
-        return out
-
-
-def info_scale(item: Item) -> tuple[int, int]:
-    """Source bytes per output byte as a fraction (src itemsize, dst itemsize): 1/1 unless the dtype changes."""
-    return torch_dtypes()[item.info.dtype].itemsize, torch_dtypes()[item.dtype].itemsize
+        return [(p.item.src, *p.item.source_range(p.rel, p.n)) for p in self.pieces if p.item is not None]
 
 
 def cut_blocks(out: OutFile, items: list[Item], block_bytes: int) -> list[Block]:

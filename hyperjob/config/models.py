@@ -150,6 +150,9 @@ class TrainingSection(_Model):
     )
     loss_chunk: PositiveInt = Field(default=1024, description="tokens per LM-head chunk (training.loss: chunked)")
     mlp_chunk: PositiveInt | None = Field(default=None, description="tiled MLP: tokens per tile; None: untiled")
+    torch_compile: bool = Field(
+        default=False, description="torch.compile the model (the backend's compiler: neuron on torchneuron)"
+    )
     activation_offload: bool = Field(
         default=False, description="keep checkpointed activations in host memory (needs gradient_checkpointing)"
     )
@@ -317,7 +320,7 @@ def _control_char_keys(data: object, path: tuple[str, ...]) -> list[str]:
 class HyperjobConfig(_Model):
     name: str = Field(pattern=_NAME)
     workdir: Path
-    backend: str = Field(pattern=_NAME, description="a registered backend: cpu, cuda, neuron")
+    backend: str = Field(pattern=_NAME, description="a registered backend: cpu, cuda, neuron, torchneuron")
     model: ModelSection
     dataset: DatasetSection
     cluster: ClusterSection = Field(default_factory=ClusterSection)

@@ -97,6 +97,8 @@ def make_plan(cfg: HyperjobConfig) -> Plan:
         raise ConfigError(
             [("cluster.instance_type", f"{inst.name} is a {inst.accelerator} instance but backend is {cfg.backend!r}")]
         )
+    if (problem := backend.instance_problem(inst)) is not None:
+        raise ConfigError([("cluster.instance_type", problem)])
     procs = backend.processes_per_node(cfg, inst)
     facts = model_facts(cfg)
     notes: list[str] = []

@@ -100,9 +100,14 @@ def _name(dtype: Any) -> str:
 
 
 def train(paths: RunPaths, cfg: HyperjobConfig, compile_only: bool = False) -> int:
-    """The transformers Trainer entry (backends cpu and cuda)."""
+    """The transformers Trainer entry (backends cpu, cuda and torchneuron)."""
     log = setup_logging("train")
-    runtime = backends.get(cfg.backend).runtime
+    backend = backends.get(cfg.backend)
+    runtime = backend.runtime
+    if backend.environment is not None:  # a pinned set (torchneuron): refuse a drifted venv before importing torch
+        problem = backend.environment.mismatch(backend.environment.installed_versions())
+        if problem is not None:
+            raise StageError(problem)
     started = time.monotonic()
     base = base_model_dir(cfg)
     require_model_dir(base, "base model", "run the download stage first")
@@ -116,12 +121,16 @@ def train(paths: RunPaths, cfg: HyperjobConfig, compile_only: bool = False) -> i
     from hyperjob.stages.adapter_save import save_adapter
     from hyperjob.stages.curves import curves_callback
     from hyperjob.stages.data import PadCollator, build_train_examples, pad_id_of
+    from hyperjob.stages.device import bind
     from hyperjob.stages.progress import progress_callback
 
     hf_logging.disable_progress_bar()  # per-tensor loading bars from every rank drown the step logs
 
     if runtime.device == "cuda" and not torch.cuda.is_available():
         raise StageError(f"backend is {cfg.backend!r} but torch sees no CUDA device on this node")
+    bound = bind(runtime)  # out-of-tree devices (neuron): process group and device before TrainingArguments
+    if bound is not None:
+        log.info("device %s (local rank %s)", bound, os.environ.get("LOCAL_RANK", "0"))
     use_bf16 = runtime.bf16 and cfg.training.bf16
     dtype = torch.bfloat16 if use_bf16 else torch.float32
     if cfg.training.bf16 and not runtime.bf16:
