@@ -15,6 +15,7 @@ import dataclasses
 import functools
 import importlib
 import json
+import logging
 import math
 import os
 import sys
@@ -179,6 +180,8 @@ def train(paths: RunPaths, cfg: HyperjobConfig, compile_only: bool = False) -> i
         model=model, args=args, train_dataset=examples, data_collator=collator, processing_class=tokenizer,
         callbacks=[*fault_callbacks(), stopper, curves_callback(paths.run_dir), progress_callback(paths.run_dir)],
     )  # fmt: skip
+    if torch.distributed.is_initialized():
+        _UNDESTROYED.append(trainer)  # its DDP reducer owns the process group: see _UNDESTROYED
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     if stopper.stopped:
         if trainer.is_world_process_zero():
@@ -223,6 +226,11 @@ def packing_summary(stats: Any, cfg: HyperjobConfig, world: int) -> dict[str, An
 
 # After the outputs are saved, a process still alive this long is stuck in teardown and is ended with exit 0.
 TEARDOWN_GRACE_S = 120.0
+# Objects whose destruction can deadlock. torch's gloo process group joins its worker threads in its destructor with
+# the GIL held, and a worker can need the GIL to free a tensor: seen in CI, a rank hung for good when `train`
+# returned and the DDP reducer (which owns the group) was freed; the watchdog below could not help, as it needs the
+# GIL too. So a distributed run keeps them until `main` has finished the stage and leaves with os._exit.
+_UNDESTROYED: list[Any] = []
 
 
 def _teardown_hung() -> None:
@@ -338,7 +346,13 @@ def main(argv: list[str] | None = None) -> int:
     flags.add_argument("--print-args", action="store_true")
     known, rest = flags.parse_known_args(argv)
     body = functools.partial(_dispatch, compile_only=known.compile, print_args=known.print_args)
-    return run_stage("train", body, rest, __doc__ or "", skip_done=not known.print_args, mark=not known.print_args)
+    rc = run_stage("train", body, rest, __doc__ or "", skip_done=not known.print_args, mark=not known.print_args)
+    if _UNDESTROYED:  # a distributed run, its outputs saved and the stage marked: leave without destructors
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
+    return rc
 
 
 if __name__ == "__main__":
