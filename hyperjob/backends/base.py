@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from hyperjob.backends.catalogue import InstanceType
-from hyperjob.backends.envspec import EnvSpec
+from hyperjob.backends.envspec import RECORD_NAME, EnvSpec, read_record, venv_of
 from hyperjob.config.load import ConfigError
 from hyperjob.config.models import HyperjobConfig
 from hyperjob.model_facts import ModelFacts
@@ -169,8 +169,6 @@ class Backend:
         interpreter is not a current hyperjob-built venv of this backend's pinned set, when it has one."""
         if self.environment is None or not {"compile", "train"} & set(stages):
             return []
-        from hyperjob.backends.envspec import RECORD_NAME, read_record, venv_of
-
         python = self.python(cfg, spec("train"))
         venv = venv_of(python)
         record = read_record(venv) if venv is not None else None
