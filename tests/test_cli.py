@@ -115,7 +115,7 @@ def test_render_writes_scripts_and_refuses_existing_dir(tmp_path: Path) -> None:
 
 
 def test_init_presets_validate(tmp_path: Path) -> None:
-    for preset in ("trainium", "gpu", "cpu-tiny"):
+    for preset in ("trainium", "trn2", "gpu", "cpu-tiny"):
         target = tmp_path / preset / "hyperjob.yaml"
         target.parent.mkdir()
         assert main(["init", "--preset", preset, "--output", str(target)]) == 0

@@ -65,6 +65,8 @@ def test_consolidate_and_merge_in_one_command(tmp_path: Path, base_model: Path) 
                    "--base-model", base_model, "--merged-output", tmp_path / "merged")  # fmt: skip
     assert out.returncode == 0, out.stderr
     assert "lora checkpoint (TP 8, PP 1, xser)" in out.stdout and "replica drift:" in out.stdout
+    merge_line = next(line for line in out.stdout.splitlines() if line.startswith("merge: "))
+    assert "worker(s)" in merge_line and "busy: disk read" in merge_line and "bound by" in merge_line
     assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == [
         "adapter_config.json",
         "adapter_model.safetensors",
@@ -158,3 +160,7 @@ def test_bad_sizes_and_flags(tmp_path: Path) -> None:
     assert out.returncode == 2 and "size 'lots'" in out.stderr
     out = hyperjob("consolidate", tmp_path, "--output", tmp_path / "a", "--base-model", tmp_path)
     assert out.returncode == 2 and "--base-model and --merged-output go together" in out.stderr
+    for bad in ("0", "-2", "many"):
+        out = hyperjob("merge", tmp_path, "--base-model", tmp_path, "--output", tmp_path / "m", "--workers", bad)
+        assert out.returncode == 2 and f"--workers {bad}: use a positive number or auto" in out.stderr, out.stderr
+        assert "Traceback" not in out.stderr

@@ -353,7 +353,7 @@ def test_bash_completion_is_valid_and_completes_verbs_options_and_choices(tmp_pa
     assert _complete(script, "re") == ["render", "resume"]
     assert _complete(script, "plan", "--s") == ["--set", "--show-args"]
     assert _complete(script, "merge", "--base") == ["--base-model", "--base"]
-    assert _complete(script, "init", "--preset", "") == ["cpu-tiny", "gpu", "trainium"]
+    assert _complete(script, "init", "--preset", "") == ["cpu-tiny", "gpu", "trainium", "trn2"]
     assert _complete(script, "completion", "") == ["bash", "zsh"]
     assert _complete(script, "plan", "") == []  # no fixed words: bash falls back to file names
 

@@ -20,6 +20,7 @@ from hyperjob.resources import shipped_dir
 
 PRESETS = {
     "trainium": "trainium-llama3-8b.yaml",
+    "trn2": "trn2-llama3-8b.yaml",
     "gpu": "gpu-llama3-8b.yaml",
     "cpu-tiny": "tiny-cpu.yaml",
 }
