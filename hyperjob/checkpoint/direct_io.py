@@ -14,7 +14,6 @@ while we compute and the output does not crowd the page cache.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import fcntl
 import mmap
@@ -22,7 +21,7 @@ import os
 import threading
 from pathlib import Path
 
-from hyperjob.checkpoint.safetensors_io import finish, pwrite_all, start_writeback
+from hyperjob.checkpoint.safetensors_io import create_preallocated, finish, pwrite_all, start_writeback
 
 ALIGN = 4096  # the largest logical block size in common use; 512-byte devices accept it too
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
@@ -52,14 +51,7 @@ class BlockFile:
 
     def __init__(self, path: Path, size: int, *, direct: bool = True) -> None:
         self.path, self.size = path, size
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o644)
-        try:
-            if hasattr(os, "posix_fallocate") and size:
-                with contextlib.suppress(OSError):  # not every filesystem can; ENOSPC then shows at write time
-                    os.posix_fallocate(self._fd, 0, size)
-        except BaseException:
-            os.close(self._fd)
-            raise
+        self._fd = create_preallocated(path, size)
         self.direct = direct and _try_direct(self._fd)
         self._written, self._lock = 0, threading.Lock()
 

@@ -18,7 +18,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -340,9 +340,5 @@ def run_blocks(
         stats.wall = time.perf_counter() - t0
     if errors:
         raise errors[0]
-    _results(closes)
-
-
-def _results(futures: list[Future[None]]) -> None:
-    for f in futures:
-        f.result()
+    for f in closes:
+        f.result()  # a failed fsync or completeness check

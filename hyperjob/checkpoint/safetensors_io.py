@@ -283,11 +283,8 @@ class SafetensorsWriter:
         self._data_bytes = layout.size - len(layout.header)
         self._written = 0
         self._pos = self._flushed = len(layout.header)
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o644)
+        self._fd = create_preallocated(self.path, self.size)
         try:
-            if hasattr(os, "posix_fallocate") and self.size:
-                with contextlib.suppress(OSError):  # not every filesystem can; ENOSPC then shows at write time
-                    os.posix_fallocate(self._fd, 0, self.size)
             os.ftruncate(self._fd, self.size)
             pwrite_all(self._fd, layout.header, 0)
         except BaseException:
@@ -323,6 +320,19 @@ class SafetensorsWriter:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+
+def create_preallocated(path: Path, size: int) -> int:
+    """A new (truncated) file for writing, its `size` bytes reserved where the filesystem can; returns the fd."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o644)
+    try:
+        if hasattr(os, "posix_fallocate") and size:
+            with contextlib.suppress(OSError):  # not every filesystem can; ENOSPC then shows at write time
+                os.posix_fallocate(fd, 0, size)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def finish(fd: int, path: Path, written: int, expected: int, what: str, *, size: int | None = None) -> None:

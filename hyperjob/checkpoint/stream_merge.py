@@ -262,7 +262,7 @@ def _write_shards(tmp: Path, plan: Plan, sizing: Sizing, o: _Options, label: str
             out.remaining = len(mine)
             blocks += mine
         stats = o.stats if o.stats is not None else MergeStats()
-        stats.workers, stats.bytes, stats.direct = sizing.workers, total, all(out.file.direct for out in outs)
+        stats.workers, stats.bytes = sizing.workers, total
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # parallelism comes from workers: intra-op threads only add sync on 4 MiB chunks
         bar = ByteProgress(o.progress, sum(b.length for b in blocks), label)
@@ -272,7 +272,7 @@ def _write_shards(tmp: Path, plan: Plan, sizing: Sizing, o: _Options, label: str
         finally:
             bar.close()
             torch.set_num_threads(threads)
-        stats.direct = all(out.file.direct for out in outs)
+        stats.direct = all(out.file.direct for out in outs)  # after: a file may fall back to buffered mid-run
     finally:
         for out in outs:
             out.file.abort()  # no-op for files already closed (fsynced)

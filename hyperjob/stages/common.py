@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from hyperjob.backends.envspec import EnvSpec
 from hyperjob.config.load import ConfigError, load_resolved, redact
 from hyperjob.config.models import HyperjobConfig, ModelSection
 from hyperjob.paths import RunPaths
@@ -27,6 +28,13 @@ STOPPED_EARLY = -1
 
 class StageError(Exception):
     """An expected failure: reported as one line on stderr, no traceback."""
+
+
+def require_pinned_environment(env: EnvSpec) -> None:
+    """Refuse a venv that is not the backend's pinned set: version drift fails late and obscurely otherwise."""
+    problem = env.mismatch(env.installed_versions())
+    if problem:
+        raise StageError(problem)
 
 
 def rank() -> int:

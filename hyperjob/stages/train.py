@@ -38,6 +38,7 @@ from hyperjob.stages.common import (
     rank,
     read_token,
     require_model_dir,
+    require_pinned_environment,
     run_stage,
     setup_logging,
     world_size,
@@ -106,9 +107,7 @@ def train(paths: RunPaths, cfg: HyperjobConfig, compile_only: bool = False) -> i
     backend = backends.get(cfg.backend)
     runtime = backend.runtime
     if backend.environment is not None:  # a pinned set (torchneuron): refuse a drifted venv before importing torch
-        problem = backend.environment.mismatch(backend.environment.installed_versions())
-        if problem is not None:
-            raise StageError(problem)
+        require_pinned_environment(backend.environment)
     started = time.monotonic()
     base = base_model_dir(cfg)
     require_model_dir(base, "base model", "run the download stage first")

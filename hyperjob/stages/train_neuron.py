@@ -13,7 +13,7 @@ import math
 import time
 from typing import Any
 
-from hyperjob.backends.neuron_env import installed_versions, mismatch
+from hyperjob.backends.neuron_env import XLA
 from hyperjob.config.models import HyperjobConfig
 from hyperjob.fsutil import write_json
 from hyperjob.paths import RunPaths, base_model_dir
@@ -23,18 +23,12 @@ from hyperjob.stages.common import (
     last_logged_loss,
     read_token,
     require_model_dir,
+    require_pinned_environment,
     setup_logging,
     world_size,
 )
 from hyperjob.stages.lora_check import check_lora_applied
 from hyperjob.stages.resume import ResumePoint, incomplete_checkpoints
-
-
-def require_pinned_environment() -> None:
-    """Refuse a Neuron venv that is not the pinned set: version drift fails late and obscurely otherwise."""
-    problem = mismatch(installed_versions())
-    if problem:
-        raise StageError(problem)
 
 
 def refuse_resume(paths: RunPaths, point: ResumePoint | None) -> None:
@@ -107,7 +101,7 @@ def train(paths: RunPaths, cfg: HyperjobConfig, compile_only: bool = False) -> i
 
     log = setup_logging("compile" if compile_only else "train")
     started = time.monotonic()
-    require_pinned_environment()
+    require_pinned_environment(XLA)
     arguments = train_arguments(paths, cfg, compile_only)
     if not compile_only:
         refuse_resume(paths, resume_of(paths, cfg))
